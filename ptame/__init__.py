@@ -1,0 +1,10 @@
+"""ptame: P-TAME saliency explanations for any image classifier, trained in one pass per image."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ptame")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = ["__version__"]

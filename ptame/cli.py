@@ -1,0 +1,66 @@
+"""``ptame`` command line: one subcommand per component, each living in its own module.
+
+A command module exposes ``add_arguments(parser)`` and ``main(args) -> int`` and keeps heavy
+imports (Ray, MLflow) inside ``main`` so that ``ptame --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "explain": ("ptame.batch", "bulk-explain images into Parquet with Ray Data (resumable)"),
+    "show": ("ptame.viz", "render saliency overlays from an explanations dataset"),
+    "serve": ("ptame.serve", "serve a registered explainer over HTTP with Ray Serve"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ptame import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ptame",
+        description="P-TAME: trained, single-pass saliency explanations for any image classifier.",
+        epilog="Train, evaluate and register with `dvc repro` (see README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"ptame {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, LookupError) as e:
+        logging.getLogger("ptame").error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Image decoding and preprocessing shared by training, bulk explanation and serving.
+
+Decoding is defensive: any file a user may throw at ptame (truncated, zero-byte, CMYK, 16-bit,
+palette, EXIF-rotated, decompression bombs) either becomes an RGB image or raises
+:class:`ImageDecodeError` with the reason, never anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from ptame.models import Preprocessing
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "CropBox",
+    "ImageDecodeError",
+    "decode_image",
+    "preprocess",
+    "to_tensor",
+]
+
+DEFAULT_MAX_PIXELS = 64_000_000
+CropBox = tuple[int, int, int, int]
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an RGB image; the message says why."""
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel images (``I;16``, ``I``, ``F``) scaled to 8-bit grey."""
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        arr = arr / 65535.0
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.round(arr * 255).clip(0, 255).astype(np.uint8), mode="L")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes to an upright RGB :class:`PIL.Image.Image`.
+
+    Raises:
+        ImageDecodeError: empty, unreadable, truncated or over ``max_pixels`` input.
+    """
+    if not data:
+        raise ImageDecodeError("empty input (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width} x {height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            im.load()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    if min(im.size) < 1:
+        raise ImageDecodeError(f"image has no pixels ({im.size[0]} x {im.size[1]})")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
+        pass
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """An RGB PIL image as a ``(3, H, W)`` float tensor in ``[0, 1]``."""
+    return TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+
+
+def preprocess(image: Image.Image, prep: Preprocessing) -> tuple[Tensor, CropBox]:
+    """Resize the shorter side to ``prep.resize``, centre-crop ``prep.input_size``.
+
+    Returns:
+        ``(3, S, S)`` tensor in ``[0, 1]`` and the crop box ``(left, top, right, bottom)`` in the
+        original image's pixels (the region the saliency map covers).
+    """
+    width, height = image.size
+    scale = prep.resize / min(width, height)
+    new_w, new_h = max(prep.input_size, round(width * scale)), max(prep.input_size, round(height * scale))
+    resized = TF.resize(to_tensor(image), [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    crop = TF.center_crop(resized, [prep.input_size, prep.input_size]).clamp_(0.0, 1.0)
+    left = (new_w - prep.input_size) / 2 * width / new_w
+    top = (new_h - prep.input_size) / 2 * height / new_h
+    box = (
+        int(round(left)),
+        int(round(top)),
+        int(round(left + prep.input_size * width / new_w)),
+        int(round(top + prep.input_size * height / new_h)),
+    )
+    return crop, box

@@ -1,0 +1,287 @@
+"""The P-TAME explainer: frozen backbone + frozen auxiliary network + trainable attention head."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ptame.head import AttentionHead, minmax_normalize
+from ptame.losses import LossWeights, ptame_loss
+from ptame.models import Classifier, FeaturePyramid, Preprocessing, load_auxiliary, load_backbone
+
+__all__ = ["Explanation", "Explainer", "ExplainerConfig", "check_images"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+HEAD_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Saliency maps and the scores of the classes they explain.
+
+    Attributes:
+        saliency: ``(B, k, h, w)`` maps in ``[0, 1]`` at the head's native resolution.
+        classes: ``(B, k)`` class indices explained (top-k predictions unless requested).
+        scores: ``(B, k)`` backbone softmax probabilities of those classes.
+    """
+
+    saliency: Tensor
+    classes: Tensor
+    scores: Tensor
+
+
+@dataclass(frozen=True)
+class ExplainerConfig:
+    """Everything besides the head's weights needed to rebuild an explainer."""
+
+    backbone: str
+    auxiliary: str
+    num_classes: int
+    channels: list[int]
+    stages: list[int] | None = None
+    pretrained: bool = False
+    preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
+    class_names: list[str] = field(default_factory=list)
+    loss: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
+    format_version: int = FORMAT_VERSION
+
+
+def check_images(images: Tensor, name: str = "images") -> None:
+    """Refuse anything but finite ``(B, 3, H, W)`` floating images in ``[0, 1]``."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"{name} must be RGB with 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+    if min(images.shape[-2:]) < 32:
+        raise ValueError(f"{name} must be at least 32 x 32 pixels, got {tuple(images.shape[-2:])}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [0, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(
+            f"{name} must be in [0, 1] (got range [{lo:.3g}, {hi:.3g}]); pass un-normalised images, "
+            "the explainer normalises them for each network"
+        )
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode, restoring its previous mode even on error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class Explainer(nn.Module):
+    """P-TAME (Ntrougkas et al., 2025): explains ``backbone`` with a head trained on ``auxiliary``.
+
+    All inputs are ``(B, 3, H, W)`` images in ``[0, 1]``; each network normalises them itself.
+
+    Args:
+        backbone: the frozen classifier to explain.
+        auxiliary: the frozen feature pyramid the head reads.
+        head: the attention head (a fresh one sized from the auxiliary when ``None``).
+        loss_weights: loss weights for :meth:`training_step`.
+    """
+
+    def __init__(
+        self,
+        backbone: Classifier,
+        auxiliary: FeaturePyramid,
+        head: AttentionHead | None = None,
+        loss_weights: LossWeights | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.auxiliary = auxiliary
+        self.head = head if head is not None else AttentionHead(auxiliary.channels, backbone.num_classes)
+        if self.head.num_classes != backbone.num_classes:
+            raise ValueError(f"head has {self.head.num_classes} classes, backbone {backbone.num_classes}")
+        if list(self.head.channels) != list(auxiliary.channels):
+            raise ValueError(f"head expects channels {self.head.channels}, auxiliary gives {auxiliary.channels}")
+        self.loss_weights = loss_weights or LossWeights()
+        self.stages: list[int] | None = None
+        self.pretrained = False
+
+    @classmethod
+    def from_uris(
+        cls,
+        backbone: str,
+        auxiliary: str,
+        stages: Sequence[int] | None = None,
+        pretrained: bool = False,
+        loss_weights: LossWeights | None = None,
+        class_names: Sequence[str] | None = None,
+        preprocessing: Preprocessing | None = None,
+    ) -> Explainer:
+        """Build an untrained explainer from model URIs (see :mod:`ptame.models`)."""
+        bb = load_backbone(backbone, pretrained=pretrained, class_names=class_names, preprocessing=preprocessing)
+        aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
+        explainer = cls(bb, aux, loss_weights=loss_weights)
+        explainer.stages = list(stages) if stages is not None else None
+        explainer.pretrained = pretrained
+        return explainer
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The backbone's preprocessing; the auxiliary sees the same pixels."""
+        return self.backbone.preprocessing
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.backbone.class_names
+
+    def train(self, mode: bool = True) -> Explainer:
+        """Only the head ever trains; backbone and auxiliary stay frozen in eval mode."""
+        self.training = mode
+        self.head.train(mode)
+        return self
+
+    def head_logits(self, images: Tensor, classes: Tensor | None = None) -> Tensor:
+        """Raw head output for ``classes`` (see :meth:`AttentionHead.forward`), ``(B, n, h, w)``."""
+        with torch.no_grad():
+            features = self.auxiliary(images)
+        return self.head(features, classes)
+
+    def training_step(self, images: Tensor, gather_classes: bool = True) -> dict[str, Tensor]:
+        """The P-TAME loss on a batch (no optimiser step); ``loss`` carries gradients to the head.
+
+        Args:
+            images: ``(B, 3, H, W)`` in ``[0, 1]``.
+            gather_classes: compute the fuser only for the batch's predicted classes (same loss,
+                much cheaper than all ``K`` maps).
+
+        Returns:
+            ``{"loss", "ce", "area", "tv"}`` scalars.
+        """
+        check_images(images)
+        with torch.no_grad():
+            targets = self.backbone(images).argmax(1)
+        rows = torch.arange(images.shape[0], device=images.device)
+        if gather_classes:
+            present, index = torch.unique(targets, return_inverse=True)
+            maps = torch.sigmoid(self.head_logits(images, present))  # (B, n, h, w)
+            batch_maps = maps[:, index]
+            masks = maps[rows, index]
+        else:
+            maps = torch.sigmoid(self.head_logits(images))  # (B, K, h, w)
+            batch_maps = maps[:, targets]
+            masks = maps[rows, targets]
+        masks = F.interpolate(masks[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        masked_logits = self.backbone(images * masks)
+        return ptame_loss(masked_logits, targets, batch_maps, self.loss_weights)
+
+    def _resolve_classes(self, probs: Tensor, classes: Tensor | Sequence[int] | int | None, topk: int) -> Tensor:
+        if classes is None:
+            if not 1 <= topk <= probs.shape[1]:
+                raise ValueError(f"topk must be in [1, {probs.shape[1]}], got {topk}")
+            return probs.topk(topk, dim=1).indices
+        cls_t = torch.as_tensor(classes, dtype=torch.long, device=probs.device)
+        if cls_t.dim() == 0:
+            cls_t = cls_t.view(1, 1).expand(probs.shape[0], 1)
+        elif cls_t.dim() == 1:
+            cls_t = cls_t.view(-1, 1) if cls_t.numel() == probs.shape[0] else cls_t.view(1, -1).expand(probs.shape[0], -1)
+        if cls_t.dim() != 2 or cls_t.shape[0] != probs.shape[0]:
+            raise ValueError(f"classes must be an int, (B,) or (B, k); got shape {tuple(cls_t.shape)}")
+        if int(cls_t.min()) < 0 or int(cls_t.max()) >= probs.shape[1]:
+            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}], got {cls_t.min()}..{cls_t.max()}")
+        return cls_t
+
+    def explain(
+        self, images: Tensor, classes: Tensor | Sequence[int] | int | None = None, topk: int = 1
+    ) -> Explanation:
+        """Saliency maps for the requested ``classes`` (default: the ``topk`` predictions).
+
+        Args:
+            images: ``(B, 3, H, W)`` in ``[0, 1]``.
+            classes: an int (same class for all), ``(B,)`` one class per image, or ``(B, k)``.
+            topk: how many top predictions to explain when ``classes`` is ``None``.
+
+        Returns:
+            An :class:`Explanation` with ``(B, k, h, w)`` maps: sigmoid, then per-map min-max.
+        """
+        check_images(images)
+        with _eval_mode(self.head), torch.inference_mode():
+            probs = self.backbone(images).softmax(1)
+            chosen = self._resolve_classes(probs, classes, topk)
+            maps = self.head(self.auxiliary(images), chosen)
+            # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
+            # the raw logits lifts the background (see the learning test's notes)
+            return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen))
+
+    # ------------------------------------------------------------------ persistence
+
+    def config(self) -> ExplainerConfig:
+        return ExplainerConfig(
+            backbone=self.backbone.uri,
+            auxiliary=self.auxiliary.uri,
+            num_classes=self.backbone.num_classes,
+            channels=list(self.head.channels),
+            stages=self.stages,
+            pretrained=self.pretrained,
+            preprocessing=self.preprocessing.to_dict(),
+            class_names=list(self.class_names),
+            loss=asdict(self.loss_weights),
+        )
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and the head's weights as safetensors into ``directory``."""
+        from safetensors.torch import save_file
+
+        if not self.backbone.uri or not self.auxiliary.uri:
+            raise ValueError("only explainers built from model URIs can be saved (use Explainer.from_uris)")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = asdict(self.config())
+        if extra:
+            config["extra"] = extra
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, str(out / HEAD_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Explainer:
+        """Rebuild a saved explainer; only JSON and safetensors are read (nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        if not (src / CONFIG_FILE).is_file() or not (src / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{src} is not a saved explainer: expected {CONFIG_FILE} and {HEAD_FILE}")
+        raw = json.loads((src / CONFIG_FILE).read_text())
+        raw.pop("extra", None)
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{src} was saved by a newer ptame (format {raw['format_version']})")
+        cfg = ExplainerConfig(**raw)
+        explainer = cls.from_uris(
+            cfg.backbone,
+            cfg.auxiliary,
+            stages=cfg.stages,
+            pretrained=cfg.pretrained,
+            loss_weights=LossWeights(**cfg.loss),
+            class_names=cfg.class_names or None,
+            preprocessing=Preprocessing.from_dict(cfg.preprocessing),
+        )
+        if explainer.head.channels != cfg.channels:
+            raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")
+        explainer.head.load_state_dict(load_file(str(src / HEAD_FILE), device=str(map_location)))
+        return explainer.to(map_location)

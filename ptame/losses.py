@@ -1,0 +1,70 @@
+"""P-TAME's training loss: cross-entropy on the masked image plus area and total-variation terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LossWeights", "area_loss", "tv_loss", "ptame_loss"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights and exponents of the loss; defaults are the paper's ResNet-50 setting."""
+
+    ce: float = 0.1614
+    area: float = 0.8386
+    tv: float = 0.0
+    area_power: float = 0.3
+    tv_power: float = 2.0
+    tv_border: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("ce", "area", "tv", "tv_border"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss weight {name!r} must be >= 0, got {getattr(self, name)}")
+        for name in ("area_power", "tv_power"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name!r} must be > 0, got {getattr(self, name)}")
+
+
+def area_loss(maps: Tensor, power: float = 0.3, offset: float = 0.0005) -> Tensor:
+    """``mean((M + 0.0005) ** p)`` over all maps and pixels; pushes masks towards zero."""
+    return (maps + offset).pow(power).mean()
+
+
+def tv_loss(maps: Tensor, power: float = 2.0, border: float = 0.3) -> Tensor:
+    """Total variation of ``(B, n, h, w)`` maps with a border penalty, divided by ``q * B``.
+
+    ``[sum |dy|^q + sum |dx|^q + b * sum M^q over the 4 border rows/columns] / (q * B)``.
+    """
+    dy = (maps[..., 1:, :] - maps[..., :-1, :]).abs().pow(power).sum()
+    dx = (maps[..., :, 1:] - maps[..., :, :-1]).abs().pow(power).sum()
+    edges = (
+        maps[..., 0, :].pow(power).sum()
+        + maps[..., -1, :].pow(power).sum()
+        + maps[..., :, 0].pow(power).sum()
+        + maps[..., :, -1].pow(power).sum()
+    )
+    return (dy + dx + border * edges) / (power * maps.shape[0])
+
+
+def ptame_loss(
+    masked_logits: Tensor, targets: Tensor, maps: Tensor, weights: LossWeights
+) -> dict[str, Tensor]:
+    """The weighted loss and its terms.
+
+    Args:
+        masked_logits: ``(B, K)`` backbone logits on the masked images.
+        targets: ``(B,)`` the backbone's own predictions on the unmasked images.
+        maps: ``(B, B, h, w)`` sigmoid maps of every image for every class predicted in the batch.
+        weights: loss weights and exponents.
+    """
+    ce = F.cross_entropy(masked_logits, targets)
+    area = area_loss(maps, weights.area_power)
+    tv = tv_loss(maps, weights.tv_power, weights.tv_border) if weights.tv > 0 else maps.new_zeros(())
+    loss = weights.ce * ce + weights.area * area + weights.tv * tv
+    return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "tv": tv.detach()}

@@ -1,0 +1,192 @@
+"""MLflow registry glue: log a saved explainer as a model version, load one back by URI.
+
+Tracking and registry default to ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` under
+the working directory; ``MLFLOW_TRACKING_URI`` points elsewhere. A registered version holds the
+saved explainer (``config.json`` + ``head.safetensors``) as its ``explainer`` artifact and a
+pyfunc wrapper, so ``mlflow.pyfunc.load_model`` works too; ptame itself only reads JSON and
+safetensors back (:meth:`Explainer.load`), never pickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptame.explainer import Explainer
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "LoadedExplainer",
+    "configure",
+    "load_explainer",
+    "log_explainer",
+    "parse_model_uri",
+    "resolve_version",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPLAINER_ARTIFACT = "explainer"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+@dataclass(frozen=True)
+class LoadedExplainer:
+    """An explainer and where it came from (``model_uri`` pins the exact registered version)."""
+
+    explainer: Explainer
+    model_uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifact_root: str | Path | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` (default: env or local SQLite) and select ``experiment``.
+
+    Returns:
+        The tracking URI in use.
+    """
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+            location = Path(artifact_root or "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> ``(name, version, alias)``."""
+    m = _MODEL_URI.match(uri)
+    if not m:
+        raise ValueError(f"{uri!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>")
+    return m["name"], m["version"], m["alias"]
+
+
+def resolve_version(uri: str) -> tuple[str, str]:
+    """The registered model name and the version number a registry URI points to now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    client = MlflowClient()
+    try:
+        if alias is not None:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as e:
+        raise LookupError(f"{uri} is not in the registry at {_tracking_uri()}: {e.message}") from None
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _pyfunc_class() -> type:
+    import mlflow.pyfunc
+
+    class PtameModel(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper: a DataFrame with an ``image`` bytes column -> explanation rows."""
+
+        def load_context(self, context: Any) -> None:
+            self.explainer = Explainer.load(context.artifacts[EXPLAINER_ARTIFACT])
+
+        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+            import pandas as pd
+
+            from ptame.records import explain_prepared, prepare_image
+
+            prep = self.explainer.preprocessing
+            items = [prepare_image(b, prep) for b in model_input["image"]]
+            return pd.DataFrame(explain_prepared(self.explainer, items, topk=int((params or {}).get("topk", 5))))
+
+    PtameModel.__module__ = __name__
+    return PtameModel
+
+
+def log_explainer(
+    explainer: Explainer | str | Path,
+    registered_name: str,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, Any] | None = None,
+    artifacts: list[str | Path] | None = None,
+) -> tuple[str, str]:
+    """Log ``explainer`` (object or saved directory) in a new run and register a version.
+
+    Returns:
+        ``(run_id, version)``.
+    """
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = explainer.save(Path(tmp) / EXPLAINER_ARTIFACT) if isinstance(explainer, Explainer) else Path(explainer)
+        with mlflow.start_run() as run:
+            if params:
+                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            if metrics:
+                mlflow.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()})
+            for path in artifacts or []:
+                p = Path(path)
+                (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), "reports")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=_pyfunc_class()(),
+                artifacts={EXPLAINER_ARTIFACT: str(directory)},
+                registered_model_name=registered_name,
+                pip_requirements=["ptame"],
+            )
+    version = str(info.registered_model_version)
+    logger.info("registered %s version %s (run %s)", registered_name, version, run.info.run_id)
+    return run.info.run_id, version
+
+
+def _metric_key(key: str) -> str:
+    """MLflow metric names allow ``[\\w.\\-/ ]``; ``AD@100`` becomes ``AD_at_100``."""
+    return key.replace("@", "_at_")
+
+
+def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplainer:
+    """Load an explainer from a saved directory or a registry URI (``models:/<name>@<alias>``).
+
+    The returned ``model_uri`` names the exact version (``models:/<name>/<version>``) so that rows
+    and answers say which version made them even after the alias moves.
+    """
+    import json
+
+    text = str(ref)
+    if not text.startswith("models:/"):
+        path = Path(text)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is neither a saved explainer directory nor a models:/ URI")
+        return LoadedExplainer(Explainer.load(path, map_location), model_uri=str(path.resolve()))
+    import mlflow
+    from mlflow import MlflowClient
+
+    name, version = resolve_version(text)
+    _, _, alias = parse_model_uri(text)
+    pinned = f"models:/{name}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned))
+    explainer = Explainer.load(local / "artifacts" / EXPLAINER_ARTIFACT, map_location)
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    metrics: dict[str, float] = {}
+    if run_id:
+        metrics = dict(MlflowClient().get_run(run_id).data.metrics)
+    extra = local / "artifacts" / EXPLAINER_ARTIFACT / "metrics.json"
+    if extra.is_file():
+        metrics = json.loads(extra.read_text())
+    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics)

@@ -1,0 +1,56 @@
+"""Shared, seeded fixtures: tiny models and synthetic scenes with known ground truth."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+from ptame.explainer import Explainer  # noqa: E402
+from ptame.models import Preprocessing, load_auxiliary  # noqa: E402
+
+TINY_PREP = Preprocessing(input_size=64, resize=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+TINY_BACKBONE = "python:ptame.testing:tiny_cnn"
+AUXILIARY = "builtin:efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def auxiliary():
+    return load_auxiliary(AUXILIARY)
+
+
+@pytest.fixture()
+def tiny_explainer() -> Explainer:
+    """Untrained head on the seed-0 tiny CNN (4 classes) and the real EfficientNet-Lite0."""
+    return Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP)
+
+
+def assert_maps(maps: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Shape, finiteness and [0, 1] range of saliency maps."""
+    assert tuple(maps.shape) == shape
+    assert torch.isfinite(maps).all()
+    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+
+
+@pytest.fixture(scope="session")
+def scene_backbone():
+    """The tiny CNN trained on :func:`ptame.testing.object_scenes` (colour square decides the class)."""
+    from ptame.models import Classifier
+    from ptame.testing import tiny_cnn, train_classifier
+
+    torch.manual_seed(0)
+    return Classifier(train_classifier(tiny_cnn(), steps=300), TINY_PREP, 4)
+
+
+def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grow boolean ``(B, H, W)`` masks by ``pixels`` (the pointing game's tolerance)."""
+    k = 2 * pixels + 1
+    return torch.nn.functional.max_pool2d(masks[:, None].float(), k, 1, pixels)[:, 0].bool()

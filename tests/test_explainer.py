@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torchvision
+
+from conftest import TINY_PREP, assert_maps
+from ptame.explainer import Explainer, check_images
+from ptame.losses import LossWeights
+from ptame.models import Classifier, Preprocessing
+
+
+def test_gathered_training_step_equals_all_maps(tiny_explainer: Explainer) -> None:
+    tiny_explainer.loss_weights = LossWeights(ce=0.3, area=0.6, tv=0.1)
+    tiny_explainer.head.eval()  # same BN statistics in both passes
+    images = torch.rand(6, 3, 64, 64)
+    gathered = tiny_explainer.training_step(images, gather_classes=True)
+    g_grads = torch.autograd.grad(gathered["loss"], list(tiny_explainer.head.parameters()), allow_unused=True)
+    full = tiny_explainer.training_step(images, gather_classes=False)
+    f_grads = torch.autograd.grad(full["loss"], list(tiny_explainer.head.parameters()), allow_unused=True)
+    for key in ("loss", "ce", "area", "tv"):
+        torch.testing.assert_close(gathered[key], full[key], rtol=1e-5, atol=1e-6)
+    for g, f in zip(g_grads, f_grads):
+        if f is not None:
+            torch.testing.assert_close(g if g is not None else torch.zeros_like(f), f, rtol=1e-4, atol=1e-7)
+
+
+def test_training_step_trains_only_the_head(tiny_explainer: Explainer) -> None:
+    tiny_explainer.train()
+    assert not tiny_explainer.backbone.training and not tiny_explainer.auxiliary.training
+    out = tiny_explainer.training_step(torch.rand(4, 3, 64, 64))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in tiny_explainer.head.fuser.parameters())
+    assert all(p.grad is None for p in tiny_explainer.backbone.parameters())
+    assert all(p.grad is None for p in tiny_explainer.auxiliary.parameters())
+
+
+def test_explain_returns_topk_maps_in_unit_range(tiny_explainer: Explainer) -> None:
+    images = torch.rand(3, 3, 64, 64)
+    out = tiny_explainer.explain(images, topk=2)
+    assert_maps(out.saliency, (3, 2, 16, 16))
+    probs = tiny_explainer.backbone(images).softmax(1)
+    torch.testing.assert_close(out.classes, probs.topk(2).indices)
+    torch.testing.assert_close(out.scores, probs.topk(2).values)
+    assert tiny_explainer.head.training  # explain restores the mode it found
+
+
+def test_explain_requested_classes(tiny_explainer: Explainer) -> None:
+    images = torch.rand(2, 3, 64, 64)
+    both = tiny_explainer.explain(images, classes=[[0, 3], [1, 2]])
+    assert both.classes.tolist() == [[0, 3], [1, 2]]
+    single = tiny_explainer.explain(images, classes=torch.tensor([3, 2]))
+    torch.testing.assert_close(single.saliency[:, 0], both.saliency[:, 1])
+    with pytest.raises(ValueError, match="classes must be in"):
+        tiny_explainer.explain(images, classes=9)
+
+
+def test_explain_restores_mode_when_it_fails(tiny_explainer: Explainer) -> None:
+    tiny_explainer.train()
+    with pytest.raises(ValueError):
+        tiny_explainer.explain(torch.rand(2, 3, 64, 64), classes=[[0], [7]])
+    assert tiny_explainer.head.training
+
+
+def test_save_and_load_give_the_same_maps(tiny_explainer: Explainer, tmp_path) -> None:
+    tiny_explainer.train()
+    opt = torch.optim.SGD(tiny_explainer.head.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        tiny_explainer.training_step(torch.rand(4, 3, 64, 64))["loss"].backward()
+        opt.step()
+    tiny_explainer.save(tmp_path / "exp")
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["config.json", "head.safetensors"]
+    loaded = Explainer.load(tmp_path / "exp")
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.explain(images).saliency, tiny_explainer.explain(images).saliency)
+    assert loaded.preprocessing == TINY_PREP
+
+
+def test_load_refuses_a_directory_without_an_explainer(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a saved explainer"):
+        Explainer.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "match"),
+    [
+        (torch.rand(3, 64, 64), ValueError, "shape"),
+        (torch.rand(1, 1, 64, 64), ValueError, "RGB"),
+        (torch.rand(1, 4, 64, 64), ValueError, "RGB"),
+        (torch.full((1, 3, 64, 64), float("nan")), ValueError, "NaN"),
+        (torch.rand(1, 3, 64, 64) * 255, ValueError, r"\[0, 1\]"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, "floating"),
+        (torch.rand(1, 3, 8, 8), ValueError, "32 x 32"),
+        ([[0.0]], TypeError, "Tensor"),
+    ],
+)
+def test_bad_images_are_refused_with_a_reason(images, error, match) -> None:
+    with pytest.raises(error, match=match):
+        check_images(images)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "vit_b_16"])
+def test_the_papers_backbones_train_and_explain(name: str, auxiliary) -> None:
+    model = torchvision.models.get_model(name, weights=None)
+    backbone = Classifier(model, Preprocessing(), 1000, uri=f"torchvision:{name}")
+    explainer = Explainer(backbone, auxiliary)
+    images = torch.rand(2, 3, 224, 224)
+    out = explainer.training_step(images)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and explainer.head.fuser.weight.grad is not None
+    result = explainer.explain(images)
+    assert_maps(result.saliency, (2, 1, 56, 56))

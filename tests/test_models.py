@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from ptame.data import preprocess
+from ptame.models import (
+    BUILTIN_MODELS,
+    load_auxiliary,
+    load_backbone,
+    load_ordered_state_dict,
+)
+from ptame.testing import TinyCNN
+from PIL import Image
+
+
+def classify(backbone, array: np.ndarray) -> int:
+    x, _ = preprocess(Image.fromarray(array), backbone.preprocessing)
+    with torch.inference_mode():
+        return int(backbone(x[None]).argmax(1))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_weights_classify_real_photos(name: str) -> None:
+    backbone = load_backbone(f"builtin:{name}")
+    assert backbone.num_classes == 1000
+    assert classify(backbone, skdata.chelsea()) == 285  # Egyptian cat
+    assert classify(backbone, skdata.coffee()) == 967  # espresso
+    assert "cat" in backbone.class_names[285].lower()
+
+
+def test_builtin_auxiliary_pyramid_declares_itself() -> None:
+    aux = load_auxiliary("builtin:efficientnet_lite0")
+    assert aux.channels == [24, 40, 112, 320] and aux.reductions == [4, 8, 16, 32]
+    feats = aux(torch.rand(1, 3, 224, 224))
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 56, 56), (40, 28, 28), (112, 14, 14), (320, 7, 7)]
+    assert load_auxiliary("builtin:efficientnet_lite0", stages=[2, 4]).channels == [40, 320]
+
+
+def test_torchvision_auxiliary_taps_its_stages() -> None:
+    aux = load_auxiliary("torchvision:resnet18", pretrained=False)
+    assert aux.channels == [64, 128, 256, 512] and aux.reductions == [4, 8, 16, 32]
+
+
+def test_mismatched_weights_are_refused() -> None:
+    model = TinyCNN()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(iter(state))
+    state[first] = torch.zeros(5, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"tensor #0 .* shape \(5, 3, 3, 3\).*refusing"):
+        load_ordered_state_dict(model, state)
+    state.popitem()
+    with pytest.raises(ValueError, match="tensors"):
+        load_ordered_state_dict(model, state)
+
+
+def test_torchscript_and_python_uris(tmp_path) -> None:
+    model = TinyCNN().eval()
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(model).save(str(path))
+    scripted = load_backbone(f"torchscript:{path}")
+    direct = load_backbone("python:ptame.testing:TinyCNN")
+    x = torch.rand(2, 3, 64, 64)
+    assert scripted.num_classes == 4 and direct.num_classes == 4
+    assert scripted(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "match"),
+    [
+        ("resnet50", ValueError, "no scheme"),
+        ("magic:resnet50", ValueError, "unknown model scheme"),
+        ("builtin:efficientnet_lite9", ValueError, "unknown builtin"),
+        ("timm:not_a_model_name", ValueError, "unknown timm model"),
+        ("torchvision:not_a_model", ValueError, "unknown torchvision model"),
+        ("torchscript:/nonexistent/model.pt", FileNotFoundError, "not found"),
+        ("python:ptame.nonexistent:f", ValueError, "cannot import"),
+        ("python:ptame.testing:nothing_here", ValueError, "no attribute"),
+        ("python:ptame.testing", ValueError, "python:<module>:<callable>"),
+        ("python:ptame.testing:COLOURS", TypeError, "nn.Module"),
+    ],
+)
+def test_bad_model_uris_name_the_problem(uri: str, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        load_backbone(uri, pretrained=False)
+
+
+def test_auxiliary_needs_a_pyramid_model() -> None:
+    with pytest.raises(ValueError, match="feature pyramids"):
+        load_auxiliary("python:ptame.testing:tiny_cnn")

@@ -1,0 +1,35 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ptame.records import dequantize, explain_prepared, prepare_image, quantize
+
+
+def test_quantise_round_trip_within_half_a_step() -> None:
+    sal = torch.rand(7, 5)
+    data = quantize(sal)
+    assert len(data) == 35
+    back = dequantize(data, (7, 5))
+    assert np.abs(back - sal.numpy()).max() <= 0.5 / 255 + 1e-6
+    assert data[1] == round(float(sal[0, 1]) * 255)  # row-major
+    with pytest.raises(ValueError, match="bytes"):
+        dequantize(data, (5, 5))
+
+
+def test_explain_prepared_gives_a_row_per_input(tiny_explainer) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(buf, "PNG")
+    items = [prepare_image(buf.getvalue(), tiny_explainer.preprocessing), prepare_image(b"nope", tiny_explainer.preprocessing)]
+    rows = explain_prepared(tiny_explainer, items, topk=3)
+    assert len(rows) == 2
+    good, bad = rows
+    assert good["error"] is None and bad["error"] == "not a recognised image format"
+    assert (good["width"], good["height"]) == (90, 70)
+    assert good["saliency_shape"] == [16, 16] and len(good["saliency"]) == 256
+    assert good["topk_classes"][0] == good["pred_class"] and len(good["topk_scores"]) == 3
+    expected = tiny_explainer.explain(items[0].tensor[None]).saliency[0, 0]
+    assert np.abs(dequantize(good["saliency"], (16, 16)) - expected.numpy()).max() <= 0.5 / 255 + 1e-6
+    assert bad["saliency"] is None and bad["pred_class"] is None
