@@ -1,0 +1,48 @@
+"""Saliency overlays: a map blended over the region of the original image it covers."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ptame.data import CropBox
+
+__all__ = ["colorize", "overlay", "side_by_side"]
+
+
+def colorize(saliency: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """``(h, w)`` map in ``[0, 1]`` -> ``(h, w, 3)`` uint8 RGB through a matplotlib colormap."""
+    from matplotlib import colormaps
+
+    arr = np.clip(np.asarray(saliency, dtype=np.float32), 0.0, 1.0)
+    if arr.ndim != 2:
+        raise ValueError(f"saliency must be (h, w), got shape {arr.shape}")
+    return (colormaps[cmap](arr)[..., :3] * 255).round().astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image, saliency: np.ndarray, crop_box: CropBox | None = None, alpha: float = 0.5, cmap: str = "jet"
+) -> Image.Image:
+    """Blend the coloured map over ``image`` inside ``crop_box`` (the whole image when ``None``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = image.convert("RGB")
+    left, top, right, bottom = crop_box or (0, 0, base.size[0], base.size[1])
+    region = base.crop((left, top, right, bottom))
+    heat = Image.fromarray(colorize(saliency, cmap)).resize(region.size, Image.BILINEAR)
+    out = base.copy()
+    out.paste(Image.blend(region, heat, alpha), (left, top))
+    return out
+
+
+def side_by_side(images: list[Image.Image], height: int = 224, gap: int = 4) -> Image.Image:
+    """Panels scaled to the same ``height``, left to right on a white strip."""
+    if not images:
+        raise ValueError("side_by_side needs at least one image")
+    scaled = [im.resize((max(1, round(im.size[0] * height / im.size[1])), height), Image.BILINEAR) for im in images]
+    strip = Image.new("RGB", (sum(im.size[0] for im in scaled) + gap * (len(scaled) - 1), height), "white")
+    x = 0
+    for im in scaled:
+        strip.paste(im, (x, 0))
+        x += im.size[0] + gap
+    return strip
