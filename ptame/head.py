@@ -66,6 +66,10 @@ class AttentionHead(nn.Module):
     def forward(self, features: Sequence[Tensor], classes: Tensor | None = None) -> Tensor:
         """Class saliency logits (before sigmoid / min-max).
 
+        Bilinear upsampling and the 1x1 fuser are both linear, so they commute: each stage is
+        projected onto the requested classes at its own resolution and only ``n`` maps are
+        upsampled when ``n`` is smaller than the stage's channels (the same maps, less work).
+
         Args:
             features: tapped feature maps ``[(B, C_l, h_l, w_l), ...]``.
             classes: ``None`` for all ``K`` maps; ``(n,)`` for the same ``n`` classes in every image;
@@ -74,15 +78,28 @@ class AttentionHead(nn.Module):
         Returns:
             ``(B, K or n, h, w)`` logits at the finest tapped resolution.
         """
-        z = self.fuse_input(features)
-        weight = self.fuser.weight.flatten(1)  # (K, C)
+        if len(features) != len(self.stages):
+            raise ValueError(f"expected {len(self.stages)} feature maps, got {len(features)}")
+        batch = features[0].shape[0]
+        weight = self.fuser.weight.flatten(1)  # (K, sum C_l)
         if classes is None:
-            return torch.einsum("bchw,kc->bkhw", z, weight)
-        if classes.dim() == 1:
-            return torch.einsum("bchw,nc->bnhw", z, weight[classes])
-        if classes.dim() == 2 and classes.shape[0] == z.shape[0]:
-            return torch.einsum("bchw,bnc->bnhw", z, weight[classes])
-        raise ValueError(f"classes must be (n,) or (B, n) with B={z.shape[0]}, got {tuple(classes.shape)}")
+            weight, spec = weight, "bchw,nc->bnhw"
+        elif classes.dim() == 1:
+            weight, spec = weight[classes], "bchw,nc->bnhw"
+        elif classes.dim() == 2 and classes.shape[0] == batch:
+            weight, spec = weight[classes], "bchw,bnc->bnhw"
+        else:
+            raise ValueError(f"classes must be (n,) or (B, n) with B={batch}, got {tuple(classes.shape)}")
+        size = max((tuple(f.shape[-2:]) for f in features), key=lambda s: s[0] * s[1])
+        out = None
+        for block, f, w in zip(self.stages, features, weight.split(self.channels, dim=-1)):
+            a = block(f)
+            if w.shape[-2] < a.shape[1]:
+                part = upsample_to(torch.einsum(spec, a, w), size)
+            else:
+                part = torch.einsum(spec, upsample_to(a, size), w)
+            out = part if out is None else out + part
+        return out
 
 
 def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
