@@ -2,9 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ptame.explanations import read_explanations
+
 try:
     __version__ = version("ptame")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "read_explanations"]

@@ -8,6 +8,7 @@ palette, EXIF-rotated, decompression bombs) either becomes an RGB image or raise
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -101,15 +102,22 @@ def preprocess(image: Image.Image, prep: Preprocessing) -> tuple[Tensor, CropBox
     """
     width, height = image.size
     scale = prep.resize / min(width, height)
-    new_w, new_h = max(prep.input_size, round(width * scale)), max(prep.input_size, round(height * scale))
+    # Only a centred min-side square (plus the resampling kernel's reach) survives the centre
+    # crop: cut it out first, so that a 1 x 60000 sliver never becomes a 256 x 15M tensor.
+    margin = math.ceil(4 / scale) + 1
+    keep_w, keep_h = min(width, height + 2 * margin), min(height, width + 2 * margin)
+    off_x, off_y = (width - keep_w) // 2, (height - keep_h) // 2
+    if (keep_w, keep_h) != (width, height):
+        image = image.crop((off_x, off_y, off_x + keep_w, off_y + keep_h))
+    new_w, new_h = max(prep.input_size, round(keep_w * scale)), max(prep.input_size, round(keep_h * scale))
     resized = TF.resize(to_tensor(image), [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     crop = TF.center_crop(resized, [prep.input_size, prep.input_size]).clamp_(0.0, 1.0)
-    left = (new_w - prep.input_size) / 2 * width / new_w
-    top = (new_h - prep.input_size) / 2 * height / new_h
+    left = off_x + (new_w - prep.input_size) / 2 * keep_w / new_w
+    top = off_y + (new_h - prep.input_size) / 2 * keep_h / new_h
     box = (
         int(round(left)),
         int(round(top)),
-        int(round(left + prep.input_size * width / new_w)),
-        int(round(top + prep.input_size * height / new_h)),
+        int(round(left + prep.input_size * keep_w / new_w)),
+        int(round(top + prep.input_size * keep_h / new_h)),
     )
     return crop, box

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,11 @@ def log_explainer(
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
-        directory = explainer.save(Path(tmp) / EXPLAINER_ARTIFACT) if isinstance(explainer, Explainer) else Path(explainer)
+        directory = Path(tmp) / EXPLAINER_ARTIFACT
+        if isinstance(explainer, Explainer):
+            explainer.save(directory)
+        else:  # MLflow files an artifact directory under its own name: stage it as "explainer"
+            shutil.copytree(explainer, directory)
         with mlflow.start_run() as run:
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

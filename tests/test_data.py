@@ -66,3 +66,11 @@ def test_preprocess_resizes_crops_and_reports_the_box() -> None:
     torch.testing.assert_close(tensor[0], torch.ones(100, 100))
     # shorter side 200 -> 120 (scale 0.6): the 100 px crop covers 166.7 px of the original
     assert box == (117, 17, 283, 183)
+
+
+def test_slivers_are_cut_before_resizing() -> None:
+    sliver = Image.new("RGB", (60000, 1), (0, 0, 255))
+    tensor, box = preprocess(sliver, Preprocessing(input_size=64, resize=73))
+    assert tensor.shape == (3, 64, 64)
+    assert box[1] == 0 and box[3] == 1 and 0 < box[2] - box[0] <= 2
+    assert abs((box[0] + box[2]) / 2 - 30000) <= 1

@@ -1,0 +1,164 @@
+"""Bulk explanation: ``ptame explain`` (Ray Data) against a plain single-process PyTorch loop.
+
+All explain the same JPEGs (random crops of the embedded default's photos, 300-640 px) with the
+same model (the embedded default: EfficientNet-Lite2 backbone, EfficientNet-Lite0 auxiliary, an
+untrained head: speed does not depend on its weights) and the same batch size, in one run, round
+robin, so all see the same machine load. The plain loop reads, decodes, preprocesses and explains
+(`ptame.records`) batch after batch, once with torch's default threads and once with one thread.
+`ptame explain` runs the Ray Data pipeline on a local Ray of ``--num-cpus`` CPUs started before
+the clock starts (a cluster outlives its jobs), so its time includes actor start-up and model
+loading, the price of every job.
+
+Then a projection for 1 million and 100 million images from the measured per-image costs: CPU
+core-hours from the one-thread loop's decode + explain time, GPU-hours at an *assumed* GPU
+throughput (``--gpu-images-per-s``, stated in the table, not measured here), the CPU cores that
+must decode to keep one such GPU busy, and the Parquet size from the measured bytes per row.
+
+    python benchmarks/bench_batch.py [--images 240] [--batch-size 16] [--chunk-size 32] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptame.batch import explain_to_parquet
+from ptame.demo import load_photos, random_crop
+from ptame.explainer import Explainer
+from ptame.explanations import explanations_table
+from ptame.records import explain_prepared, prepare_image
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` JPEGs: random square crops of the demo photos at 300-640 px, some resized to non-squares."""
+    photos = load_photos()
+    names = sorted(photos)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        crop = random_crop(photos[names[i % len(names)]], rng, int(rng.integers(300, 641)))
+        if i % 3 == 0:
+            crop = crop.resize((crop.size[0], int(crop.size[1] * rng.uniform(0.6, 0.9))))
+        path = folder / f"img{i:05d}.jpg"
+        crop.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def plain_loop(explainer: Explainer, paths: list[Path], batch_size: int, topk: int, threads: int) -> dict[str, float]:
+    """One process, ``threads`` torch threads: read + decode + preprocess a batch, explain it, build its rows."""
+    prep = explainer.preprocessing
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    decode = explain = 0.0
+    start = time.perf_counter()
+    try:
+        for i in range(0, len(paths), batch_size):
+            t0 = time.perf_counter()
+            batch = paths[i : i + batch_size]
+            items = [prepare_image(p.read_bytes(), prep) for p in batch]
+            t1 = time.perf_counter()
+            rows = explain_prepared(explainer, items, topk=topk)
+            explanations_table([p.name for p in batch], rows, "plain")
+            t2 = time.perf_counter()
+            decode, explain = decode + t1 - t0, explain + t2 - t1
+    finally:
+        torch.set_num_threads(before)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "decode_s_per_image": decode / len(paths), "explain_s_per_image": explain / len(paths)}
+
+
+def ray_job(model: Path, folder: Path, out: Path, batch_size: int, chunk_size: int, topk: int) -> dict[str, float]:
+    """`ptame explain` into a fresh directory; also its start-up time (until the first chunk lands)."""
+    start, wall = time.perf_counter(), time.time()
+    summary = explain_to_parquet(
+        str(model), str(folder), str(out), batch_size=batch_size, chunk_size=chunk_size, topk=topk, progress=False
+    )
+    seconds = time.perf_counter() - start
+    landed = sorted(p.stat().st_mtime for p in out.glob("part-*.parquet"))
+    return {
+        "seconds": seconds,
+        "first_chunk_s": landed[0] - wall,
+        # after start-up: the images of all chunks but the first over the time between first and last
+        "steady_images_per_s": (summary.images - chunk_size) / (landed[-1] - landed[0]),
+        "bytes_per_row": sum(p.stat().st_size for p in out.glob("part-*.parquet")) / summary.images,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=32, help="images per Parquet file in the Ray job")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (the plain loop uses torch's default threads)")
+    parser.add_argument("--repeats", type=int, default=1, help="round-robin repetitions; medians are reported")
+    parser.add_argument("--gpu-images-per-s", type=float, default=1000.0, help="ASSUMED explain throughput of one GPU, for the projection")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = make_images(root / "images", args.images)
+        torch.manual_seed(0)
+        explainer = Explainer.from_uris("builtin:efficientnet_lite2", "builtin:efficientnet_lite0")
+        model = explainer.save(root / "model")
+        threads = torch.get_num_threads()
+        plain_loop(explainer, paths[: args.batch_size], args.batch_size, args.topk, threads)  # warm-up
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+        plain, single, batch = [], [], []
+        try:
+            for r in range(args.repeats):
+                plain.append(plain_loop(explainer, paths, args.batch_size, args.topk, threads))
+                single.append(plain_loop(explainer, paths, args.batch_size, args.topk, 1))
+                batch.append(ray_job(model, root / "images", root / f"out{r}", args.batch_size, args.chunk_size, args.topk))
+        finally:
+            ray.shutdown()
+
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    n = args.images
+    rates = {
+        f"plain PyTorch loop, {threads} torch threads (decode + explain)": n / med(plain, "seconds"),
+        "plain PyTorch loop, 1 torch thread": n / med(single, "seconds"),
+        f"ptame explain, whole job incl. start-up ({med(batch, 'first_chunk_s'):.0f} s to the first chunk)": n
+        / med(batch, "seconds"),
+        "ptame explain after start-up (first to last chunk landed)": med(batch, "steady_images_per_s"),
+    }
+    base = next(iter(rates.values()))
+    print(f"\n{n} images, batch {args.batch_size}, Ray chunks of {args.chunk_size}, local Ray of {args.num_cpus} CPUs, "
+          f"median of {args.repeats} round-robin run(s)")  # fmt: skip
+    best = max(list(rates.values())[:2])
+    print("| run | images/s | vs plain loop (default threads) | vs the faster plain loop |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.2f} | {rate / base:.2f} | {rate / best:.2f} |")
+
+    decode = med(single, "decode_s_per_image")
+    explain = med(single, "explain_s_per_image")
+    bytes_per_row = med(batch, "bytes_per_row")
+    print(f"\nmeasured per image on one core: decode + preprocess {decode * 1e3:.0f} ms, explain {explain * 1e3:.0f} ms; "
+          f"Parquet {bytes_per_row:.0f} bytes/row")  # fmt: skip
+    print(f"| images | CPU core-hours (measured) | GPU-hours at an ASSUMED {args.gpu_images_per_s:.0f} images/s/GPU "
+          "| CPU cores to decode for one such GPU | Parquet |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for total in (1_000_000, 100_000_000):
+        print(
+            f"| {total:,} | {total * (decode + explain) / 3600:,.0f} | {total / args.gpu_images_per_s / 3600:,.1f} | "
+            f"{args.gpu_images_per_s * decode:.0f} | {total * bytes_per_row / 1e9:,.1f} GB |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,619 @@
+"""``ptame explain``: bulk-explain images into Parquet with Ray Data, resumable and safe on bad input.
+
+The pipeline streams chunks of inputs through three Ray Data stages, so memory stays bounded
+whatever the input size::
+
+    chunk (ids, paths) --map, CPU tasks------> read bytes, decode, preprocess (bad input -> error)
+                       --map, actor pool-----> explain (model loaded once per actor; GPU actors
+                                               with use_gpu), encode the chunk as Parquet
+                       --map, I/O tasks------> write part-<chunk>.parquet atomically
+
+Rows are chunks, not images, so that a chunk is one unit from reading to its file (Ray Data's own
+readers and writers do not keep such units apart, and exactly-once needs them).
+
+Exactly once: inputs are sorted by image id and cut into fixed chunks; a chunk is written to a
+hidden temporary file and renamed to ``part-<chunk>.parquet`` only once complete, so a file under
+its final name always holds a whole chunk, and a rerun skips exactly the chunks whose file exists.
+The manifest ``_ptame_job.json`` pins the model version, the input and the chunking: a rerun with
+another model, another input or other settings is refused rather than mixed into the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ptame.explanations import MANIFEST, output_filesystem
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ChunkExplainer",
+    "ExplainSummary",
+    "add_arguments",
+    "chunk_file",
+    "explain_to_parquet",
+    "main",
+    "plan_chunks",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 256
+MANIFEST_FORMAT = 1
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # see _write_atomically
+#: settings that change the rows or their files: a rerun must use the same ones
+_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column")
+
+
+@dataclass(frozen=True)
+class ExplainSummary:
+    """What one ``explain_to_parquet`` call did (``images``/``errors`` count this run's rows)."""
+
+    output: str
+    model_uri: str
+    images: int
+    errors: int
+    seconds: float
+    chunks_written: int
+    chunks_skipped: int
+    total_images: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def chunk_file(index: int) -> str:
+    """Name of the data file of chunk ``index``."""
+    return f"part-{index:08d}.parquet"
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def _pin_model(model: str) -> tuple[str, str | None]:
+    """``(model_uri, tracking_uri)``: a registry alias resolved once to ``models:/<name>/<version>``."""
+    from pathlib import Path
+
+    if not model.startswith("models:/"):
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {model!r} is neither a directory saved by Explainer.save nor a models:/ URI")
+        return str(path.resolve()), None
+    from ptame.registry import configure, resolve_version
+
+    tracking_uri = configure()
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        # actors run in other working directories: pass the database by absolute path
+        tracking_uri = "sqlite:///" + os.path.abspath(tracking_uri[len("sqlite:///") :])
+    name, version = resolve_version(model)
+    return f"models:/{name}/{version}", tracking_uri
+
+
+def _plan_files(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+    pairs: dict[str, str] = {}
+    for image_id, path in zip(source.ids, source.paths):
+        if image_id in pairs:
+            logger.warning("input %r is listed more than once; explaining it once", image_id)
+            continue
+        pairs[image_id] = path
+    ids = sorted(pairs)
+    chunks = [
+        {"chunk": i // chunk_size, "ids": ids[i : i + chunk_size], "paths": [pairs[k] for k in ids[i : i + chunk_size]]}
+        for i in range(0, len(ids), chunk_size)
+    ]
+    return chunks, ids
+
+
+def _plan_parquet(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+    import pyarrow.parquet as pq
+
+    chunks: list[dict[str, Any]] = []
+    keys: list[str] = []
+    for path, file_id in sorted(zip(source.paths, source.ids)):
+        with source.filesystem.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names, rows = pf.schema_arrow.names, pf.metadata.num_rows
+        if source.image_column not in names:
+            raise ValueError(
+                f"{path} has no image column {source.image_column!r} (columns: {names}); pass --image-column"
+            )
+        keys.append(f"{file_id}\t{rows}")
+        for start in range(0, rows, chunk_size):
+            chunks.append({"chunk": len(chunks), "file": path, "start": start, "stop": min(start + chunk_size, rows)})
+    return chunks, keys
+
+
+def plan_chunks(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], str, int]:
+    """Cut ``source`` into deterministic chunks.
+
+    Files are sorted by image id and deduplicated; Parquet inputs are cut into row ranges of each
+    file (sorted by path). The fingerprint names the input and the chunking, so a rerun can tell
+    whether its chunk ``i`` is the same as the one already written.
+
+    Returns:
+        ``(chunks, fingerprint, number of inputs)``; each chunk is a dict with ``chunk`` (its index)
+        and either ``ids``/``paths`` or ``file``/``start``/``stop``.
+    """
+    plan = _plan_files if source.kind == "files" else _plan_parquet
+    chunks, keys = plan(source, chunk_size)
+    digest = hashlib.sha256(f"{source.kind}\n{chunk_size}\n".encode())
+    for key in keys:
+        digest.update(key.encode() + b"\n")
+    if source.kind == "files":
+        count = len(keys)
+    else:
+        count = sum(c["stop"] - c["start"] for c in chunks)
+    return chunks, digest.hexdigest(), count
+
+
+# ------------------------------------------------------------------------ output directory
+
+
+def _write_atomically(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary beside ``path``, then rename it into place."""
+    directory, name = path.rsplit("/", 1)
+    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+    with fs.open(temporary, "wb") as f:
+        f.write(data)
+    fs.mv(temporary, path)
+
+
+def _names(fs: Any, root: str) -> list[str]:
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
+
+
+def _finished_chunks(fs: Any, root: str) -> set[int]:
+    return {int(m.group(1)) for m in map(_PART.match, _names(fs, root)) if m}
+
+
+def _check_output(fs: Any, root: str, output: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Compare the planned job with the one already in ``output``; refuse a mismatch.
+
+    Returns:
+        The existing manifest, or ``None`` when ``output`` is new or empty.
+    """
+    from ptame.explanations import read_manifest
+
+    existing = read_manifest(output)
+    if existing is None:
+        if any(not _TEMPORARY.match(name) for name in _names(fs, root)):
+            raise ValueError(
+                f"output {output!r} is not empty and holds no {MANIFEST}: it was not written by `ptame explain`. "
+                "Choose an empty or new --output directory."
+            )
+        return None
+    if existing.get("model_uri") != manifest["model_uri"]:
+        raise ValueError(
+            f"output {output!r} already holds explanations made by {existing.get('model_uri')}, not "
+            f"{manifest['model_uri']}; results of two models are never mixed. Choose another --output "
+            f"(or pass --model {existing.get('model_uri')} to finish that job)."
+        )
+    for key in _SETTINGS:
+        if existing.get(key) != manifest[key]:
+            raise ValueError(
+                f"output {output!r} was written with {key}={existing.get(key)!r}, this run asks for "
+                f"{manifest[key]!r}; rerun with the same setting or choose another --output."
+            )
+    if existing.get("fingerprint") != manifest["fingerprint"]:
+        raise ValueError(
+            f"the input changed since the job in {output!r} started ({existing.get('num_inputs')} inputs then, "
+            f"{manifest['num_inputs']} now from {manifest['input']!r}); choose another --output for the new input."
+        )
+    return existing
+
+
+def _default_max_pixels() -> int:
+    from ptame.data import DEFAULT_MAX_PIXELS  # imports torch: only when a job starts
+
+    return DEFAULT_MAX_PIXELS
+
+
+def _absolute(spec: str) -> str:
+    return spec if "://" in spec else os.path.abspath(spec)
+
+
+# ------------------------------------------------------------------------ Ray Data stages
+
+
+def _read_parquet_rows(
+    fs: Any, path: str, start: int, stop: int, image_column: str, id_column: str
+) -> tuple[list[str], list[bytes | None]]:
+    """Rows ``[start, stop)`` of one Parquet file: only the row groups that overlap them are read."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = [image_column] + ([id_column] if id_column in pf.schema_arrow.names else [])
+        groups, first, offset = [], 0, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                first = offset if not groups else first
+                groups.append(g)
+            offset += n
+        table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    blobs = table.column(image_column).to_pylist()
+    if id_column in columns:
+        ids = [str(v) for v in table.column(id_column).to_pylist()]
+    else:
+        name = path.rsplit("/", 1)[-1]
+        ids = [f"{name}#{row}" for row in range(start, stop)]
+    return ids, blobs
+
+
+def _prepare_chunk(
+    chunk: dict[str, Any], *, filesystem: Any, preprocessing: dict[str, Any], max_pixels: int, image_column: str, id_column: str
+) -> dict[str, Any]:
+    """CPU stage: read, decode and preprocess one chunk; every input yields an entry, bad ones an error."""
+    import numpy as np
+
+    from ptame.models import Preprocessing
+    from ptame.records import Prepared, prepare_image
+    from ptame.sources import ImageSource, iter_image_bytes
+
+    prep = Preprocessing.from_dict(preprocessing)
+    if "ids" in chunk:
+        source = ImageSource("files", list(chunk["paths"]), list(chunk["ids"]), filesystem)
+        entries = list(iter_image_bytes(source))
+    else:
+        ids, blobs = _read_parquet_rows(filesystem, chunk["file"], chunk["start"], chunk["stop"], image_column, id_column)
+        entries = [(i, b, None if b is not None else "no image bytes (null)") for i, b in zip(ids, blobs)]
+    items: list[Prepared] = []
+    for image_id, data, error in entries:
+        if error is not None:
+            items.append(Prepared(None, 0, 0, None, error))
+            continue
+        try:
+            items.append(prepare_image(data, prep, max_pixels))
+        except Exception as e:  # noqa: BLE001 - any input that breaks a decoder is an error row, not a dead job
+            logger.warning("could not prepare %s: %r", image_id, e)
+            items.append(Prepared(None, 0, 0, None, f"could not prepare image: {type(e).__name__}: {e}"))
+    good = [it.tensor.numpy() for it in items if it.error is None]
+    size = prep.input_size
+    pixels = np.stack(good) if good else np.zeros((0, 3, size, size), np.float32)
+    return {
+        "chunk": chunk["chunk"],
+        "image_id": [e[0] for e in entries],
+        "width": [it.width for it in items],
+        "height": [it.height for it in items],
+        "crop_box": [list(it.crop_box) if it.crop_box else None for it in items],
+        "error": [it.error for it in items],
+        "pixels": np.ascontiguousarray(pixels, np.float32).tobytes(),
+    }
+
+
+class ChunkExplainer:
+    """Actor stage: loads the pinned explainer once, then explains chunk after chunk.
+
+    Returns each chunk encoded as a Parquet file (bytes) with :data:`ptame.explanations.SCHEMA`.
+    """
+
+    def __init__(
+        self, model_uri: str, tracking_uri: str | None, topk: int, batch_size: int, use_gpu: bool
+    ) -> None:
+        import torch
+
+        from ptame.registry import load_explainer
+
+        if tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("use_gpu was set but this actor sees no CUDA device")
+        loaded = load_explainer(model_uri, map_location="cuda" if use_gpu else "cpu")
+        if loaded.model_uri != model_uri:
+            raise RuntimeError(f"asked for {model_uri}, the registry gave {loaded.model_uri}")
+        self.explainer = loaded.explainer
+        self.model_uri = model_uri
+        self.topk = topk
+        self.batch_size = batch_size
+
+    def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        from ptame.explanations import explanations_table
+        from ptame.records import Prepared, explain_prepared
+
+        size = self.explainer.preprocessing.input_size
+        pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
+        items, g = [], 0
+        for width, height, box, error in zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["error"]):
+            if error is None:
+                items.append(Prepared(pixels[g], int(width), int(height), tuple(int(v) for v in box), None))
+                g += 1
+            else:
+                items.append(Prepared(None, int(width), int(height), None, error))
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(items), self.batch_size):
+            rows.extend(explain_prepared(self.explainer, items[i : i + self.batch_size], topk=self.topk))
+        table = explanations_table(list(chunk["image_id"]), rows, self.model_uri)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        return {
+            "chunk": chunk["chunk"],
+            "parquet": sink.getvalue().to_pybytes(),
+            "images": len(rows),
+            "errors": sum(r["error"] is not None for r in rows),
+        }
+
+
+def _decode_memory(max_pixels: int, chunk_size: int, preprocessing: dict[str, Any], ray: Any) -> int:
+    """Heap bytes a decode task may need: ~20 bytes per pixel of the largest image (RGB, float
+    tensor, resize buffers) plus the chunk's float32 output twice; at most a quarter of the cluster's."""
+    size = int(preprocessing["input_size"])
+    need = 20 * max_pixels + 2 * chunk_size * 3 * size * size * 4
+    available = int(ray.cluster_resources().get("memory", need * 4))
+    return max(1, min(need, available // 4))
+
+
+def _actors(resources: dict[str, float], concurrency: int | None, use_gpu: bool) -> int:
+    """Explain actors to start: each takes a CPU (and a GPU), and decoding needs at least one CPU more."""
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if use_gpu and gpus == 0:
+        raise ValueError("use_gpu was set but the Ray cluster has no GPU; start GPU nodes or drop --use-gpu")
+    if concurrency is None:
+        concurrency = gpus if use_gpu else cpus // 2
+    if not 1 <= concurrency < cpus:
+        raise ValueError(
+            f"concurrency={concurrency} explain actors on {cpus} CPUs leaves no CPU to decode images; "
+            f"use 1 to {cpus - 1} (the cluster needs at least 2 CPUs)"
+        )
+    return concurrency
+
+
+def _write_chunk(chunk: dict[str, Any], *, output: str) -> dict[str, Any]:
+    """Write stage: the chunk's Parquet bytes land under their final name atomically."""
+    fs, root = output_filesystem(output)
+    _write_atomically(fs, f"{root}/{chunk_file(chunk['chunk'])}", chunk["parquet"])
+    return {"chunk": chunk["chunk"], "images": chunk["images"], "errors": chunk["errors"]}
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def explain_to_parquet(
+    model: str,
+    input: str,  # noqa: A002 - the CLI's name for it
+    output: str,
+    *,
+    batch_size: int = 32,
+    concurrency: int | None = None,
+    topk: int = 5,
+    use_gpu: bool = False,
+    chunk_size: int | None = None,
+    max_pixels: int | None = None,
+    image_column: str = "image",
+    id_column: str = "image_id",
+    address: str | None = None,
+    progress: bool = True,
+) -> ExplainSummary:
+    """Explain every image of ``input`` into Parquet files under ``output``, exactly once.
+
+    Rerunning the same call after a crash finishes the job without redoing finished chunks; a
+    rerun of a finished job does nothing and says so. Uses the running Ray instance, or starts
+    one at ``address`` (default ``RAY_ADDRESS`` or a local Ray) and stops it at the end.
+
+    Args:
+        model: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or an ``Explainer.save`` directory.
+        input: folder, glob, ``.txt`` list of paths, or Parquet with an image-bytes column (local or URI).
+        output: directory (local or URI) for ``part-*.parquet`` and the job manifest.
+        batch_size: images per forward pass in an actor.
+        concurrency: explain actors (default: one per GPU with ``use_gpu``, else half the CPUs).
+        topk: classes kept in ``topk_classes``/``topk_scores`` per image.
+        use_gpu: one GPU per explain actor.
+        chunk_size: images per output file and unit of resumption (default: the job's, or 256).
+        max_pixels: larger images are refused as decompression bombs, an error row (default: the
+            job's, or :data:`ptame.data.DEFAULT_MAX_PIXELS`).
+        image_column, id_column: columns of a Parquet input (ids default to ``<file>#<row>``).
+        address: Ray cluster to use when Ray is not initialised yet.
+        progress: show a progress bar.
+
+    Returns:
+        An :class:`ExplainSummary` of this run.
+
+    Raises:
+        ValueError: ``output`` holds another job (another model, input or setting) or foreign files.
+    """
+    for name, value in (("model", model), ("input", input), ("output", output)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty string, got {value!r}")
+    _check_positive(batch_size=batch_size, concurrency=concurrency, topk=topk, chunk_size=chunk_size, max_pixels=max_pixels)
+    from ptame.explanations import read_manifest
+    from ptame.sources import resolve_source
+
+    start = time.perf_counter()
+    model_uri, tracking_uri = _pin_model(model)
+    source = resolve_source(input, image_column=image_column, id_column=id_column)
+    fs, root = output_filesystem(output)
+    previous = read_manifest(output) or {}
+    size = chunk_size or previous.get("chunk_size") or DEFAULT_CHUNK_SIZE
+    max_pixels = max_pixels or previous.get("max_pixels") or _default_max_pixels()
+    chunks, fingerprint, num_inputs = plan_chunks(source, size)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_uri": model_uri,
+        "input": _absolute(input),
+        "input_kind": source.kind,
+        "image_column": image_column,
+        "id_column": id_column,
+        "num_inputs": num_inputs,
+        "chunk_size": size,
+        "num_chunks": len(chunks),
+        "fingerprint": fingerprint,
+        "topk": topk,
+        "max_pixels": max_pixels,
+    }
+    if _check_output(fs, root, output, manifest) is None:
+        fs.makedirs(root, exist_ok=True)
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _write_atomically(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    done = _finished_chunks(fs, root)
+    pending = [c for c in chunks if c["chunk"] not in done]
+    skipped = len(chunks) - len(pending)
+    if not pending:
+        logger.info("nothing to do: all %d chunks (%d inputs) in %s are done with %s", len(chunks), num_inputs, output, model_uri)
+        return ExplainSummary(output, model_uri, 0, 0, time.perf_counter() - start, 0, skipped, num_inputs)
+    if skipped:
+        logger.info("resuming: %d of %d chunks already done, %d to go", skipped, len(chunks), len(pending))
+    for name in filter(_TEMPORARY.match, _names(fs, root)):
+        fs.rm(f"{root}/{name}")  # left by a killed run: never a finished chunk
+    images, errors, written = _run_pipeline(
+        pending, source, model_uri, tracking_uri, output,
+        chunk_size=size, batch_size=batch_size, concurrency=concurrency, topk=topk, use_gpu=use_gpu,
+        max_pixels=max_pixels, address=address, progress=progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    missing = len(chunks) - len(_finished_chunks(fs, root))
+    if missing:
+        raise RuntimeError(f"{missing} chunks of {output} were not written; rerun the same command to finish them")
+    summary = ExplainSummary(output, model_uri, images, errors, seconds, written, skipped, num_inputs)
+    logger.info(
+        "explained %d images (%d errors) in %.1f s, %.2f images/s, into %s with %s%s",
+        images, errors, seconds, summary.images_per_s, output, model_uri,
+        f" ({skipped} chunks were already done)" if skipped else "",
+    )  # fmt: skip
+    return summary
+
+
+def _run_pipeline(
+    pending: list[dict[str, Any]],
+    source: Any,
+    model_uri: str,
+    tracking_uri: str | None,
+    output: str,
+    *,
+    chunk_size: int,
+    batch_size: int,
+    concurrency: int | None,
+    topk: int,
+    use_gpu: bool,
+    max_pixels: int,
+    address: str | None,
+    progress: bool,
+) -> tuple[int, int, int]:
+    """Build and stream the Ray Data pipeline over ``pending`` chunks: ``(images, errors, chunks)``."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from ptame.registry import load_explainer
+
+    # loaded once here too: a broken model fails now, with its own message, not inside an actor
+    preprocessing = load_explainer(model_uri).explainer.preprocessing.to_dict()
+    started = not ray.is_initialized()
+    if started:
+        # the design's rule: an explicit address, else RAY_ADDRESS, else a new local Ray (never
+        # whichever cluster happens to run on this machine)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        local = {"include_dashboard": False} if address == "local" else {}
+        ray.init(address=address, logging_level=logging.WARNING, **local)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        concurrency = _actors(ray.cluster_resources(), concurrency, use_gpu)
+        logger.info("explaining %d chunks with %d %s actor(s)", len(pending), concurrency, "GPU" if use_gpu else "CPU")
+        ds = (
+            ray.data.from_items(pending, override_num_blocks=min(len(pending), 10_000))
+            .map(
+                _prepare_chunk,
+                fn_kwargs={
+                    "filesystem": source.filesystem,
+                    "preprocessing": preprocessing,
+                    "max_pixels": max_pixels,
+                    "image_column": source.image_column,
+                    "id_column": source.id_column,
+                },
+                num_cpus=1,
+                # room for the largest image a task accepts and its chunk; also keeps Ray Data from
+                # fusing decoding into the explain actors (decoding must overlap explaining)
+                memory=_decode_memory(max_pixels, chunk_size, preprocessing, ray),
+            )
+            .map(
+                ChunkExplainer,
+                fn_constructor_kwargs={
+                    "model_uri": model_uri,
+                    "tracking_uri": tracking_uri,
+                    "topk": topk,
+                    "batch_size": batch_size,
+                    "use_gpu": use_gpu,
+                },
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_cpus=1,
+                num_gpus=1 if use_gpu else 0,
+            )
+            # writes wait on storage, not on CPUs: no CPU reserved, one writer per explain actor
+            .map(_write_chunk, fn_kwargs={"output": output}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=concurrency))
+        )
+        images = errors = written = 0
+        total = sum(len(c["ids"]) if "ids" in c else c["stop"] - c["start"] for c in pending)
+        with tqdm(total=total, unit="img", desc="explain", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                images += row["images"]
+                errors += row["errors"]
+                written += 1
+                bar.update(row["images"])
+                bar.set_postfix(errors=errors, refresh=False)
+        return images, errors, written
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Explain every image of INPUT with a P-TAME explainer into Parquet files under DIR (one row per "
+        "image; bad inputs become rows with `error` set). Rerun the same command after a crash to finish "
+        "the job: finished chunks are kept, nothing is duplicated."
+    )
+    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, or a directory saved by Explainer.save")
+    parser.add_argument("--input", required=True, help="folder (recursive), glob, .txt list of paths, or Parquet with an image-bytes column; local or s3://, gs://, ...")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory (local or URI) for part-*.parquet and the job manifest")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=None, help="explain actors (default: one per GPU with --use-gpu, else half the CPUs)")
+    parser.add_argument("--topk", type=int, default=5, help="top classes recorded per image (default: %(default)s)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per explain actor")
+    parser.add_argument("--chunk-size", type=int, default=None, help=f"images per output file and unit of resumption (default: the job's, else {DEFAULT_CHUNK_SIZE})")
+    parser.add_argument("--max-pixels", type=int, default=None, help="larger images are refused as decompression bombs, an error row (default: the job's, else 64 megapixels)")
+    parser.add_argument("--image-column", default="image", help="image-bytes column of a Parquet input (default: %(default)s)")
+    parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    explain_to_parquet(
+        args.model, args.input, args.output,
+        batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
+        chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
+        id_column=args.id_column, address=args.address, progress=not args.no_progress,
+    )  # fmt: skip
+    return 0

@@ -1,0 +1,296 @@
+"""``ptame explain`` on a real local Ray: mixed good and bad inputs, Parquet and list inputs, the
+registry by alias, refusal of a foreign output, and exactly-once after ``kill -9``."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
+from PIL import Image
+
+from ptame.batch import _actors, chunk_file, explain_to_parquet
+from ptame.explainer import Explainer
+from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
+from ptame.records import prepare_image
+
+QUANT = 0.5 / 255 + 1e-4  # maps are stored as uint8; batched and single forward passes agree to ~1e-6
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 1-bit PNG of 400 megapixels that compresses to ~50 KB (built row by row, never in memory)."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def mixed_files() -> tuple[dict[str, bytes], set[str]]:
+    """Good images, every awkward-but-valid kind, and every bad kind; returns (files, names of bad ones)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 x 50, shown rotated: 50 x 80
+    files = {
+        f"good/{i}.png": encode(Image.fromarray(rng.integers(0, 255, (60 + 9 * i, 100 - 7 * i, 3), dtype=np.uint8)), "PNG")
+        for i in range(4)
+    }
+    files |= {
+        "grey.png": encode(rgb.convert("L"), "PNG"),
+        "rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "palette.png": encode(rgb.convert("P"), "PNG"),
+        "deep16.png": encode(Image.fromarray(rng.integers(0, 65535, (60, 80)).astype(np.uint16)), "PNG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encode(Image.fromarray(rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)), "JPEG", exif=exif.tobytes()),
+        "tiny.png": encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+    }
+    bad = {
+        "bomb.png": bomb_png(),
+        "corrupt.jpg": rng.integers(0, 255, 500, dtype=np.uint8).tobytes(),
+        "truncated.jpg": encode(rgb, "JPEG")[:800],
+        "empty.jpg": b"",
+        "notes.txt": b"not an image",
+    }
+    return files | bad, set(bad)
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def check_rows(df, explainer: Explainer, data: dict[str, bytes], bad: set[str], model_uri: str) -> None:
+    """Every input once; good rows equal Explainer.explain on the same bytes; bad rows carry an error."""
+    assert sorted(df["image_id"]) == sorted(data) and df["image_id"].is_unique
+    assert set(df["model_uri"]) == {model_uri}
+    for row in df.itertuples(index=False):
+        if row.image_id in bad:
+            assert isinstance(row.error, str) and row.error, row.image_id
+            assert row.saliency is None and pd_isna(row.pred_class)
+            continue
+        assert pd_isna(row.error), (row.image_id, row.error)
+        prepared = prepare_image(data[row.image_id], explainer.preprocessing)
+        expected = explainer.explain(prepared.tensor[None], topk=4)
+        assert (row.width, row.height) == (prepared.width, prepared.height)
+        assert tuple(row.crop_box) == prepared.crop_box
+        assert row.pred_class == int(expected.classes[0, 0]) and list(row.topk_classes) == expected.classes[0].tolist()
+        assert row.pred_label == explainer.class_names[row.pred_class]
+        np.testing.assert_allclose(row.topk_scores, expected.scores[0].numpy(), atol=1e-5)
+        assert row.saliency.shape == (16, 16)
+        np.testing.assert_allclose(row.saliency, expected.saliency[0, 0].numpy(), atol=QUANT)
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP).save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def explainer(saved_model) -> Explainer:
+    return Explainer.load(saved_model)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> str:
+    """One local Ray for the module (2 CPUs); its address lets CLI subprocesses join it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+# ------------------------------------------------------------- kill -9, then resume (CLI)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ptame.cli", "explain", *args, "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    return env
+
+
+def test_kill_9_then_rerun_gives_every_input_exactly_once(tmp_path, saved_model, local_ray) -> None:
+    # large smooth JPEGs: decoding them keeps the job busy long enough to kill it half-way
+    y, x = np.mgrid[0:1000, 0:1000]
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        pixels = np.stack([(x * (i + 1)) % 256, (2 * y) % 256, ((x + y) // 4) % 256], -1).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"img{i:02d}.jpg", quality=90)
+    out = tmp_path / "out"
+    command = _cli(
+        "--model", str(saved_model), "--input", str(images), "--output", str(out), "--chunk-size", "2", "--address", local_ray
+    )  # fmt: skip
+
+    job = subprocess.Popen(command, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while not any(out.glob("part-*.parquet")):
+            assert job.poll() is None, job.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the job wrote no chunk in 10 minutes"
+            time.sleep(0.02)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # kill -9 of the command (and anything it started), mid-way
+        job.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 1 <= len(done) < 10, f"kill came too late to test resumption: {sorted(done)}"
+    pending = next(i for i in range(10) if chunk_file(i) not in done)
+    (out / f".{chunk_file(pending)}.{'0123abcd' * 4}.tmp").write_bytes(b"PAR1 half-written by a killed run")
+
+    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = re.search(r"resuming: (\d+) of 10 chunks already done", rerun.stderr)
+    assert resumed and int(resumed.group(1)) >= len(done), rerun.stderr[-3000:]  # a worker may land one more
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in done} == done  # not redone
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [chunk_file(i) for i in range(10)])
+    df = read_explanations(str(out), columns=["image_id", "error"])
+    assert len(df) == 20 and sorted(df["image_id"]) == sorted(p.name for p in images.iterdir())
+    assert df["error"].isna().all()
+
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do: all 10 chunks (20 inputs)" in again.stderr, again.stderr[-3000:]
+
+
+def test_mixed_folder_by_registry_alias(tmp_path, monkeypatch, saved_model, explainer, local_ray) -> None:
+    from mlflow import MlflowClient
+
+    from ptame import registry
+
+    monkeypatch.chdir(tmp_path)  # default tracking: sqlite:///mlflow.db here, relative to this directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.configure()
+    _, version = registry.log_explainer(saved_model, "tiny")
+    MlflowClient().set_registered_model_alias("tiny", "champion", version)
+
+    data, bad = mixed_files()
+    images = write_files(tmp_path / "images", data)
+    out = tmp_path / "explanations"
+    summary = explain_to_parquet(
+        "models:/tiny@champion", str(images), str(out), chunk_size=4, batch_size=3, concurrency=1, progress=False
+    )
+    assert (summary.images, summary.errors, summary.chunks_written) == (len(data), len(bad), 4)
+    assert summary.model_uri == "models:/tiny/1"
+    files = sorted(out.glob("part-*.parquet"))
+    assert [p.name for p in files] == [chunk_file(i) for i in range(4)]
+    assert pq.read_schema(files[0]) == SCHEMA
+    df = read_explanations(str(out))
+    check_rows(df, explainer, data, bad, "models:/tiny/1")
+    assert df.set_index("image_id").loc["rotated.jpg", ["width", "height"]].tolist() == [50, 80]  # EXIF applied
+    assert "bomb" in df.set_index("image_id").loc["bomb.png", "error"]
+    assert read_manifest(str(out))["model_uri"] == "models:/tiny/1"
+
+    # a rerun of the finished job is a no-op; another model's rows are never mixed in
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = explain_to_parquet("models:/tiny@champion", str(images), str(out), progress=False)
+    assert (again.images, again.chunks_written, again.chunks_skipped) == (0, 0, 4)
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    with pytest.raises(ValueError, match="already holds explanations made by models:/tiny/1"):
+        explain_to_parquet(str(saved_model), str(images), str(out), progress=False)
+    with pytest.raises(ValueError, match="topk"):
+        explain_to_parquet("models:/tiny/1", str(images), str(out), topk=2, progress=False)
+
+
+def test_parquet_and_path_list_inputs(tmp_path, saved_model, explainer, local_ray) -> None:
+    data, bad = mixed_files()
+    good = sorted(k for k in data if k not in bad)
+    # Parquet: one file with ids (row groups of 2, so 3-row chunks straddle them), one without
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    first = good[:5] + ["corrupt.jpg", "empty.jpg"]
+    pq.write_table(
+        pa.table({"image_id": first, "image": [data[k] for k in first]}), shards / "a.parquet", row_group_size=2
+    )
+    second = [data[good[5]], None, data["truncated.jpg"], data[good[6]]]
+    pq.write_table(pa.table({"pixels": pa.array(second, pa.binary())}), shards / "b.parquet", row_group_size=3)
+    out = tmp_path / "from-parquet"
+    with pytest.raises(ValueError, match="b.parquet has no image column 'image'"):
+        explain_to_parquet(str(saved_model), str(shards), str(out), progress=False)
+    pq.write_table(pa.table({"image": pa.array(second, pa.binary())}), shards / "b.parquet", row_group_size=3)
+    summary = explain_to_parquet(str(saved_model), str(shards), str(out), chunk_size=3, progress=False)
+    assert (summary.images, summary.errors) == (11, 4)
+    df = read_explanations(str(out))
+    expected = {k: data[k] for k in first} | {"b.parquet#0": data[good[5]], "b.parquet#3": data[good[6]]}
+    expected |= {"b.parquet#1": b"", "b.parquet#2": data["truncated.jpg"]}
+    check_rows(df, explainer, expected, {"corrupt.jpg", "empty.jpg", "b.parquet#1", "b.parquet#2"}, str(saved_model))
+    assert df.set_index("image_id").loc["b.parquet#1", "error"] == "no image bytes (null)"
+
+    # a text file of paths: a duplicate line is explained once, a missing file is an error row
+    images = write_files(tmp_path / "images", {k: data[k] for k in good[:3]})
+    listing = tmp_path / "list.txt"
+    paths = [str(images / k) for k in good[:3]] + [str(images / good[0]), str(tmp_path / "gone.png")]
+    listing.write_text("# inputs\n" + "\n".join(paths) + "\n")
+    out = tmp_path / "from-list"
+    summary = explain_to_parquet(str(saved_model), str(listing), str(out), progress=False)
+    assert (summary.images, summary.errors) == (4, 1)
+    df = read_explanations(str(out))
+    listed = {str(images / k): data[k] for k in good[:3]} | {str(tmp_path / "gone.png"): b""}
+    check_rows(df, explainer, listed, {str(tmp_path / "gone.png")}, str(saved_model))
+    assert "cannot read" in df.set_index("image_id").loc[str(tmp_path / "gone.png"), "error"]
+
+
+# --------------------------------------------------------------- refusals before any work
+
+
+def test_refuses_foreign_output_and_bad_arguments(tmp_path, saved_model) -> None:
+    images = write_files(tmp_path / "images", {"a.png": encode(Image.new("RGB", (8, 8)), "PNG")})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.parquet").write_bytes(b"someone else's")
+    with pytest.raises(ValueError, match="not empty and holds no _ptame_job.json"):
+        explain_to_parquet(str(saved_model), str(images), str(foreign), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        explain_to_parquet(str(saved_model), str(images), str(tmp_path / "o"), batch_size=0)
+    with pytest.raises(TypeError, match="topk must be an int"):
+        explain_to_parquet(str(saved_model), str(images), str(tmp_path / "o"), topk=2.5)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="neither a directory saved by Explainer.save"):
+        explain_to_parquet(str(tmp_path / "nope"), str(images), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_actors_leave_a_cpu_to_decode() -> None:
+    assert _actors({"CPU": 2.0}, None, False) == 1 and _actors({"CPU": 16.0}, None, False) == 8
+    assert _actors({"CPU": 16.0, "GPU": 4.0}, None, True) == 4
+    with pytest.raises(ValueError, match="no GPU"):
+        _actors({"CPU": 16.0}, None, True)
+    with pytest.raises(ValueError, match="leaves no CPU to decode"):
+        _actors({"CPU": 2.0}, 2, False)
