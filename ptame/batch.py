@@ -92,10 +92,7 @@ def _pin_model(model: str) -> tuple[str, str | None]:
         return str(path.resolve()), None
     from ptame.registry import configure, resolve_version
 
-    tracking_uri = configure()
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        # actors run in other working directories: pass the database by absolute path
-        tracking_uri = "sqlite:///" + os.path.abspath(tracking_uri[len("sqlite:///") :])
+    tracking_uri = configure()  # absolute for SQLite: actors run in other working directories
     name, version = resolve_version(model)
     return f"models:/{name}/{version}", tracking_uri
 

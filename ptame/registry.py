@@ -23,6 +23,7 @@ from ptame.explainer import Explainer
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "LoadedExplainer",
+    "absolute_sqlite",
     "configure",
     "load_explainer",
     "log_explainer",
@@ -57,7 +58,7 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
     """
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
@@ -66,6 +67,18 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
             location = Path(artifact_root or "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
+    return uri
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///mlflow.db`` relative to the working directory -> an absolute SQLite URI.
+
+    MLflow caches stores by URI string, so a relative one would keep pointing at the database of
+    the directory it was first used in; Ray workers and Serve replicas also run elsewhere.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
 
 

@@ -15,12 +15,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ptame.explainer import Explainer, check_images
 from ptame.head import minmax_normalize
 from ptame.models import Classifier
 
-__all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "saliency"]
+__all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,43 @@ def rise_masks(n: int, size: tuple[int, int], cells: int = 7, p: float = 0.5, ge
     return flat.gather(2, (rows * up.shape[-1] + cols).flatten(2)).view(n, 1, h, w)
 
 
+def rise_multi(
+    backbone: Classifier,
+    images: Tensor,
+    classes: Tensor,
+    num_masks: int = 4000,
+    cells: int = 7,
+    p: float = 0.5,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> Tensor:
+    """RISE maps of several classes per image from one set of masked forward passes.
+
+    RISE's cost is the ``num_masks`` backbone passes, and every pass yields the probabilities of
+    all classes, so extra classes (e.g. the grid pointing game's four cells) come for free.
+
+    Args:
+        images: ``(B, 3, H, W)`` in ``[0, 1]``.
+        classes: ``(B, k)`` classes to explain per image.
+
+    Returns:
+        ``(B, k, H, W)`` maps, min-max normalised per map.
+    """
+    if classes.dim() != 2 or classes.shape[0] != images.shape[0]:
+        raise ValueError(f"classes must have shape (B, k) with B = {images.shape[0]}, got {tuple(classes.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    masks = rise_masks(num_masks, tuple(images.shape[-2:]), cells, p, generator).to(images.device)
+    maps = torch.zeros(images.shape[0], classes.shape[1], *images.shape[-2:], device=images.device)
+    with torch.inference_mode():
+        for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=not progress, leave=False):
+            for start in range(0, num_masks, batch_size):
+                m = masks[start : start + batch_size]
+                probs = backbone(images[i : i + 1] * m).softmax(1)[:, classes[i]]  # (n, k)
+                maps[i] += torch.einsum("nk,nhw->khw", probs, m[:, 0])
+    return minmax_normalize(maps / (num_masks * p))
+
+
 @register_method("rise")
 def rise(
     model: Explainer | Classifier,
@@ -179,17 +217,8 @@ def rise(
     p: float = 0.5,
     batch_size: int = 64,
     seed: int = 0,
+    progress: bool = False,
     **_: Any,
 ) -> Tensor:
-    """RISE: the mean of random masks weighted by the class probability on each masked image."""
-    backbone = _backbone(model)
-    generator = torch.Generator().manual_seed(seed)
-    masks = rise_masks(num_masks, tuple(images.shape[-2:]), cells, p, generator).to(images.device)
-    maps = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
-    with torch.inference_mode():
-        for i in range(images.shape[0]):
-            for start in range(0, num_masks, batch_size):
-                m = masks[start : start + batch_size]
-                probs = backbone(images[i : i + 1] * m).softmax(1)[:, classes[i]]
-                maps[i] += (probs.view(-1, 1, 1) * m[:, 0]).sum(0)
-    return minmax_normalize(maps / (num_masks * p))
+    """RISE (Petsiuk et al., 2018): the mean of random masks weighted by the class probability."""
+    return rise_multi(_backbone(model), images, classes[:, None], num_masks, cells, p, batch_size, seed, progress)[:, 0]

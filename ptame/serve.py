@@ -489,13 +489,9 @@ def check_model(args: dict[str, Any]) -> None:
 
 def _absolute_tracking_uri(uri: str | None) -> str:
     """The tracking URI with a relative SQLite path made absolute (replicas run elsewhere)."""
-    from ptame.registry import DEFAULT_TRACKING_URI
+    from ptame.registry import DEFAULT_TRACKING_URI, absolute_sqlite
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    return absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def _connect_registry(uri: str | None) -> None:

@@ -1,0 +1,65 @@
+"""DVC stage ``train``: Ray Train on ``data/prepared/train`` -> the explainer in ``models/explainer``.
+
+Writes the loss terms per step to ``reports/plots/train_loss.csv`` (a DVC plot) and a summary to
+``reports/train.json``. ``train.ray_address`` (or ``$RAY_ADDRESS``) joins a cluster; ``null``
+starts a local Ray.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+from _stage import main
+
+DATA = "data/prepared/train"
+OUT = "models/explainer"
+LOSS_CSV = Path("reports/plots/train_loss.csv")
+SUMMARY = Path("reports/train.json")
+
+
+def run(params) -> None:
+    from ptame.train import TrainConfig, train
+
+    t = params["train"]
+    prep = params.get("model.preprocessing")
+    cfg = TrainConfig(
+        backbone=params["model.backbone"],
+        auxiliary=params["model.auxiliary"],
+        stages=params.get("model.stages", None),
+        preprocessing=prep.to_dict() if prep is not None else None,
+        data=DATA,
+        output_dir=OUT,
+        epochs=t["epochs"],
+        max_steps=t["max_steps"],
+        batch_size=t["batch_size"],
+        lr=float(t["lr"]),
+        weight_decay=float(t["weight_decay"]),
+        loss={k: float(v) for k, v in t["loss"].to_dict().items()},
+        augment=t["augment"],
+        num_workers=t["num_workers"],
+        cpus_per_worker=t["cpus_per_worker"],
+        use_gpu=t["use_gpu"],
+        amp=t["amp"],
+        storage_path=t["storage_path"],
+        run_name=t["run_name"],
+        checkpoint_every=t["checkpoint_every"],
+        max_failures=t["max_failures"],
+        seed=t["seed"],
+        ray_address=t["ray_address"],
+        log_every=t["log_every"],
+    )
+    result = train(cfg)
+    LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
+    with LOSS_CSV.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "area", "tv", "lr"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result.history)
+    last = result.history[-1] if result.history else {}
+    SUMMARY.write_text(json.dumps({
+        "steps": result.steps, "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint,
+        "final": {k: last.get(k) for k in ("loss", "ce", "area", "tv")}, "resumed_from": list(result.resumed_from),
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(run)

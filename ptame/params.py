@@ -1,0 +1,119 @@
+"""``params.yaml`` access for the pipeline: dotted keys, and errors that name the missing key.
+
+Every DVC stage reads its knobs through :class:`Params` so that a missing or mistyped key fails
+with ``params.yaml: missing key 'train.batch_size'`` instead of a bare ``KeyError`` deep inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MissingParamError", "Params", "load_params"]
+
+_MISSING = object()
+
+
+class MissingParamError(KeyError):
+    """A key the pipeline needs is absent from the params file; the message names it."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class Params:
+    """Read-only view of a nested params mapping with dotted-key lookup.
+
+    Args:
+        data: the parsed YAML mapping.
+        source: file name used in error messages.
+        prefix: dotted path of this view inside the file (for sub-sections).
+    """
+
+    def __init__(self, data: Mapping[str, Any], source: str = "params.yaml", prefix: str = "") -> None:
+        if not isinstance(data, Mapping):
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise TypeError(f"{source}: {where} must be a mapping of keys to values, got {type(data).__name__}")
+        self._data = data
+        self.source = source
+        self.prefix = prefix
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The value at dotted ``key``; ``default`` if given and absent, else :class:`MissingParamError`.
+
+        Mappings come back as :class:`Params` views so that nested misses still name the full key.
+        """
+        node: Any = self._data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, Mapping) or part not in node:
+                if default is not _MISSING:
+                    return default
+                missing = self._full(".".join(parts[: i + 1]))
+                raise MissingParamError(f"{self.source}: missing key '{missing}'")
+            node = node[part]
+        return Params(node, self.source, self._full(key)) if isinstance(node, Mapping) else node
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, _MISSING_SENTINEL) is not _MISSING_SENTINEL
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain (deep) copy of this section."""
+        return _plain(self._data)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.batch_size": 8, ...}``: leaves by dotted key (for logging params to MLflow)."""
+        out: dict[str, Any] = {}
+
+        def walk(node: Mapping[str, Any], prefix: str) -> None:
+            for k, v in node.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if isinstance(v, Mapping):
+                    walk(v, key)
+                else:
+                    out[key] = v
+
+        walk(self._data, self.prefix)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Params({self.source!r}, prefix={self.prefix!r}, keys={list(self._data)})"
+
+
+_MISSING_SENTINEL = object()
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse ``path`` (YAML) into :class:`Params`.
+
+    Raises:
+        FileNotFoundError: no such file (run from the project root, where ``dvc.yaml`` lives).
+        ValueError: the file is not valid YAML or not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found; run the stage from the project root (where dvc.yaml is)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{p} must hold a mapping of sections (prepare, train, ...), got {type(data).__name__}")
+    return Params(data, source=p.name)

@@ -1,0 +1,650 @@
+"""Train a P-TAME head with Ray Train: data-parallel over the head, data streamed by Ray Data.
+
+The method itself is :meth:`ptame.explainer.Explainer.training_step`; this module only scales it
+out. One :class:`TrainConfig` goes in (``train_loop_config=asdict(cfg)`` and rebuilt in each
+worker), one :class:`TrainResult` comes out:
+
+- the prepared Parquet data (``image`` bytes) is read with ``ray.data.read_parquet``, decoded,
+  resized and augmented on CPU in ``map_batches``, streamed and sharded equally across workers;
+  undecodable rows are dropped with a logged warning naming them, never crash the run;
+- every worker builds the same :class:`~ptame.explainer.Explainer`; only the head is wrapped in
+  DDP (``ray.train.torch.prepare_model``), the frozen backbone and auxiliary stay plain modules;
+- AdamW (AMSGrad) with a one-cycle schedule stepped per batch, as in the paper;
+- rank 0 checkpoints the head (safetensors), optimiser, schedule and step every
+  ``checkpoint_every`` steps; a restarted worker group (``FailureConfig(max_failures)``) resumes
+  from the latest checkpoint and never repeats or skips a step.
+
+The run directory is ``<storage_path>/<run_name>-<fingerprint>`` where the fingerprint hashes the
+settings and the data files (names, sizes, modification times) that decide the result: rerunning a
+killed job with the same settings resumes it, rerunning a finished one reuses its final checkpoint
+without starting Ray, and changing anything starts a fresh run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptame.losses import LossWeights
+from ptame.models import Preprocessing
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+HEAD_FILE = "head.safetensors"
+OPTIM_FILE = "optimizer.pt"
+LOSS_TERMS = ("loss", "ce", "area", "tv")
+_PREP_FIELDS = {f.name for f in fields(Preprocessing)}
+#: settings that do not change what is learned: left out of the run fingerprint
+_NOT_FINGERPRINTED = {
+    "output_dir", "use_gpu", "storage_path", "run_name", "checkpoint_every", "max_failures",
+    "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; plain values only, so it travels as ``asdict(cfg)``.
+
+    Attributes:
+        backbone: URI of the classifier to explain, e.g. ``"builtin:efficientnet_lite2"``.
+        auxiliary: URI of the auxiliary feature pyramid, e.g. ``"builtin:efficientnet_lite0"``.
+        data: prepared Parquet dataset (file or folder, local path or URI) with a binary
+            ``image`` column of encoded PNG/JPEG bytes (and usually ``image_id``).
+        output_dir: where the trained explainer is written with :meth:`Explainer.save`.
+        stages: auxiliary stages to tap (default: strides 4 to 32).
+        preprocessing: overrides of the backbone's :class:`Preprocessing` fields (``input_size``,
+            ``resize``, ``mean``, ``std``).
+        epochs: passes over the data.
+        max_steps: stop after this many optimiser steps (global) if set.
+        batch_size: images per worker per step (the global batch is ``batch_size * num_workers``).
+        lr: maximum learning rate of the one-cycle schedule.
+        weight_decay: AdamW weight decay.
+        loss: :class:`LossWeights` fields.
+        augment: resize, random crop and horizontal flip (method.md); off: resize + centre crop.
+        num_workers: Ray Train workers (one process each, DDP over the head).
+        use_gpu: one GPU per worker.
+        amp: mixed precision (bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA).
+        storage_path: where Ray Train keeps checkpoints (local directory, made absolute, or a
+            shared/cloud URI; multi-node clusters need storage every node can reach).
+        run_name: prefix of the run directory under ``storage_path``.
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        max_failures: worker-group restarts allowed (``FailureConfig``; -1 for unlimited).
+        seed: seeds the head's initialisation (identical on every worker).
+        ray_address: Ray cluster to join; ``None`` uses ``$RAY_ADDRESS`` or starts a local Ray.
+        log_every: steps between entries of the loss history (and progress updates).
+        pretrained: let ``timm:``/``torchvision:`` URIs load pretrained weights (needs a hub/cache).
+        image_column: name of the encoded-image column in ``data``.
+        cpus_per_worker: CPUs reserved per training worker (torch threads follow it); ``None``: 1.
+        placement_strategy: how workers are placed on nodes (``ScalingConfig``): ``"PACK"``,
+            ``"SPREAD"`` or ``"STRICT_SPREAD"`` (one worker per node).
+        resume: continue the run directory of identical settings if one exists; ``False`` always
+            starts a fresh run directory.
+        fail_at_step: for tests only: the last worker dies (``os._exit``) once, at this step of
+            the first attempt, to exercise restart and resume.
+    """
+
+    backbone: str
+    auxiliary: str
+    data: str
+    output_dir: str
+    stages: list[int] | None = None
+    preprocessing: dict | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 2.43e-4
+    loss: dict = field(default_factory=lambda: asdict(LossWeights()))
+    augment: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    amp: bool = False
+    storage_path: str = "ray_results"
+    run_name: str = "ptame-train"
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    seed: int = 0
+    ray_address: str | None = None
+    log_every: int = 1
+    pretrained: bool = False
+    image_column: str = "image"
+    cpus_per_worker: float | None = None
+    placement_strategy: str = "PACK"
+    resume: bool = True
+    fail_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("backbone", "auxiliary", "data", "output_dir", "storage_path", "run_name", "image_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"TrainConfig.{name} must be a string, got {type(value).__name__}")
+            if not value:
+                raise ValueError(f"TrainConfig.{name} must not be empty")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 1), ("checkpoint_every", 1),
+                          ("log_every", 1), ("max_failures", -1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
+        for name in ("max_steps", "fail_at_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be None or a positive int, got {value!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"TrainConfig.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ValueError(f"TrainConfig.cpus_per_worker must be None or > 0, got {self.cpus_per_worker}")
+        if not isinstance(self.loss, dict):
+            raise TypeError(f"TrainConfig.loss must be a dict of LossWeights fields, got {type(self.loss).__name__}")
+        try:
+            LossWeights(**self.loss)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig.loss: {e}") from None
+        if self.preprocessing is not None:
+            if not isinstance(self.preprocessing, dict):
+                raise TypeError(f"TrainConfig.preprocessing must be a dict or None, got {type(self.preprocessing).__name__}")
+            unknown = set(self.preprocessing) - _PREP_FIELDS
+            if unknown:
+                raise ValueError(f"TrainConfig.preprocessing has unknown keys {sorted(unknown)}; use {sorted(_PREP_FIELDS)}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        explainer_dir: the saved explainer (``output_dir``), loadable with :meth:`Explainer.load`.
+        history: one entry per logged step: ``step``, ``loss``, ``ce``, ``area``, ``tv`` (averaged
+            over workers), ``lr`` and ``elapsed`` (seconds since the worker group that did the step
+            started training); complete and without repeats across restarts.
+        checkpoint: path (or URI) of the final Ray Train checkpoint.
+        steps: optimiser steps done in total.
+        seconds: wall time of :func:`train`.
+        resumed_from: the step each restart (or rerun) resumed at, in order; empty if none.
+        worker_nodes: Ray node id of each worker (by rank) in the attempt that finished.
+        run_path: the Ray Train run directory (checkpoints live under it).
+    """
+
+    explainer_dir: str
+    history: list[dict[str, float]]
+    checkpoint: str | None
+    steps: int
+    seconds: float
+    resumed_from: tuple[int, ...] = ()
+    worker_nodes: tuple[str, ...] = ()
+    run_path: str = ""
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str) -> str:
+    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def _data_files(data: str) -> list[tuple[str, int, int]]:
+    """``(path, size, mtime_ns)`` of the Parquet files under ``data``; refuses a missing path."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(data)
+    except (pafs.ArrowInvalid, ValueError, TypeError) as e:
+        raise ValueError(f"TrainConfig.data: cannot open {data!r}: {e}") from None
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"TrainConfig.data: {data!r} does not exist; run the prepare stage or fix the path")
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(
+        (i.path, int(i.size or 0), int(i.mtime_ns or 0))
+        for i in infos
+        if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
+    )
+    if not files:
+        raise ValueError(f"TrainConfig.data: no Parquet files under {data!r}")
+    return files
+
+
+def _resolve_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
+    """The backbone's own preprocessing with ``cfg.preprocessing`` applied; fails early on a bad URI."""
+    from ptame.models import load_backbone
+
+    try:
+        own = load_backbone(cfg.backbone, pretrained=cfg.pretrained).preprocessing
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        raise ValueError(f"TrainConfig.backbone {cfg.backbone!r}: {e}") from e
+    merged = {**own.to_dict(), **(cfg.preprocessing or {})}
+    try:
+        return Preprocessing.from_dict(merged).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"TrainConfig.preprocessing {cfg.preprocessing!r}: {e}") from None
+
+
+def _fingerprint(cfg: TrainConfig, files: list[tuple[str, int, int]]) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    blob = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _run_directory(cfg: TrainConfig, files: list[tuple[str, int, int]]) -> str:
+    """The run directory under ``storage_path``: fixed for identical settings and data."""
+    suffix = _fingerprint(cfg, files)
+    if not cfg.resume:
+        suffix += time.strftime("-%Y%m%d-%H%M%S")
+    return f"{cfg.run_name}-{suffix}"
+
+
+def _inspect(cfg: TrainConfig) -> tuple[int, list[str]]:
+    """Row count and columns of the Parquet data, from the file footers (nothing decoded)."""
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(cfg.data, format="parquet")
+        names, rows = list(dataset.schema.names), dataset.count_rows()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"TrainConfig.data {cfg.data!r} is not a readable Parquet dataset: {e}") from None
+    if cfg.image_column not in names:
+        raise ValueError(
+            f"TrainConfig.data {cfg.data!r} has no column {cfg.image_column!r} (columns: {names}); "
+            "set TrainConfig.image_column"
+        )
+    return rows, names
+
+
+def _train_total_steps(rows: int, cfg: TrainConfig) -> tuple[int, int]:
+    """``(steps per epoch, total steps)``: every worker takes the same number of full batches."""
+    per_epoch = rows // (cfg.batch_size * cfg.num_workers)
+    if per_epoch == 0:
+        raise ValueError(
+            f"TrainConfig.data has {rows} rows, fewer than batch_size * num_workers = "
+            f"{cfg.batch_size * cfg.num_workers}; lower batch_size or num_workers"
+        )
+    total = per_epoch * cfg.epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a P-TAME head with Ray Train and save the explainer to ``config.output_dir``.
+
+    Joins the Ray cluster at ``config.ray_address`` (or ``$RAY_ADDRESS``), else starts a local Ray
+    (shut down again at the end; a Ray the caller started is left running).
+
+    Raises:
+        TypeError, ValueError, FileNotFoundError: bad settings, naming the ``TrainConfig`` field.
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    start = time.perf_counter()
+    cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
+                  output_dir=str(Path(config.output_dir).expanduser().resolve()))
+    files = _data_files(cfg.data)
+    rows, names = _inspect(cfg)
+    per_epoch, total = _train_total_steps(rows, cfg)
+    cfg = replace(cfg, preprocessing=_resolve_preprocessing(cfg))
+    name = _run_directory(cfg, files)
+    logger.info(
+        "training %s on %d images (%d files): %d workers x batch %d, %d steps (%d per epoch), run %s/%s",
+        cfg.backbone, rows, len(files), cfg.num_workers, cfg.batch_size, total, per_epoch, cfg.storage_path, name,
+    )
+    columns = [cfg.image_column] + (["image_id"] if "image_id" in names and cfg.image_column != "image_id" else [])
+
+    finished = _finished_checkpoint(cfg, name, total)
+    if finished is not None:  # a rerun of a finished job: nothing to train, no Ray to start
+        logger.info("run %s already finished (step %s); reusing its final checkpoint", name, finished.metrics["step"])
+        return _save_result(cfg, finished, None, start, rerun=True)
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else _local_cpus(cfg))
+    try:
+        return _fit(cfg, name, columns, per_epoch, total, start)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _local_cpus(cfg: TrainConfig) -> int | None:
+    """CPUs for a local Ray: the workers' share plus one for Ray Data, even on a small machine."""
+    needed = int(np.ceil(cfg.num_workers * (cfg.cpus_per_worker or 1))) + 1
+    have = os.cpu_count() or 1
+    if have >= needed:
+        return None
+    logger.warning("this machine has %d CPUs; starting the local Ray with %d logical CPUs so that %d "
+                   "training workers and the Ray Data decoding can run side by side", have, needed, cfg.num_workers)
+    return needed
+
+
+def _fit(cfg: TrainConfig, name: str, columns: list[str], per_epoch: int, total: int, start: float) -> TrainResult:
+    """Build the Ray Data pipeline and the trainer, run it, save the explainer."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    images = ray.data.read_parquet(cfg.data).select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
+        _decode_batch,
+        fn_kwargs={"image_column": cfg.image_column, "prep": cfg.preprocessing, "augment": cfg.augment},
+        batch_size=64,
+        batch_format="numpy",
+    )
+    loop_config = {**asdict(cfg), "_steps_per_epoch": per_epoch, "_total_steps": total,
+                   "_marker": f"{cfg.storage_path}/{name}/.fault-injected"}
+    resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": images},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {result.path} finished without a checkpoint")
+    return _save_result(cfg, result, result.return_value, start)
+
+
+def _finished_checkpoint(cfg: TrainConfig, name: str, total: int):  # -> ray.train.Result | None
+    """The earlier run of identical settings if its latest checkpoint is its last (step or epoch)."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(f"{cfg.storage_path}/{name}")
+    except RuntimeError:  # no such run (or no snapshot yet)
+        return None
+    metrics = result.metrics or {}
+    done = int(metrics.get("step", -1)) >= total or int(metrics.get("epoch", -1)) >= cfg.epochs
+    return result if result.checkpoint is not None and done else None
+
+
+def _save_result(cfg: TrainConfig, result, final_state: dict | None, start: float, rerun: bool = False) -> TrainResult:
+    """Save the checkpoint's head as the explainer in ``output_dir`` and describe the run."""
+    explainer, state = _load_checkpoint(cfg, result.checkpoint)
+    if isinstance(final_state, dict):  # rank 0's state at the end: also knows a resume with nothing to do
+        state = final_state
+    if rerun:
+        state["resumed_from"].append(state["step"])
+    explainer.save(cfg.output_dir, extra={"train": {
+        "steps": state["step"], "checkpoint": result.checkpoint.path, "run": result.path,
+        "data": cfg.data, "lr": cfg.lr, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+    }})
+    return TrainResult(
+        explainer_dir=cfg.output_dir,
+        history=state["history"],
+        checkpoint=result.checkpoint.path,
+        steps=int(state["step"]),
+        seconds=time.perf_counter() - start,
+        resumed_from=tuple(state["resumed_from"]),
+        worker_nodes=tuple(state["nodes"]),
+        run_path=result.path,
+    )
+
+
+def _build_explainer(cfg: TrainConfig):  # -> Explainer
+    from ptame.explainer import Explainer
+
+    return Explainer.from_uris(
+        cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
+        loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
+    )
+
+
+def _load_checkpoint(cfg: TrainConfig, checkpoint):  # -> tuple[Explainer, dict]
+    from safetensors.torch import load_file
+
+    explainer = _build_explainer(cfg)
+    with checkpoint.as_directory() as d:
+        explainer.head.load_state_dict(load_file(os.path.join(d, HEAD_FILE)))
+        state = json.loads(Path(d, STATE_FILE).read_text())
+    return explainer, state
+
+
+# --------------------------------------------------------------------------- data (Ray Data tasks)
+
+
+def _random_crop_flip(image, prep: Preprocessing) -> torch.Tensor:
+    """method.md's train augmentation: resize the shorter side, random crop, random h-flip."""
+    from torchvision.transforms import v2 as T
+    from torchvision.transforms.v2 import functional as TF
+
+    from ptame.data import to_tensor
+
+    x = to_tensor(image)
+    h, w = x.shape[-2:]
+    scale = prep.resize / min(h, w)
+    size = [max(prep.input_size, round(h * scale)), max(prep.input_size, round(w * scale))]
+    x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    crop = T.Compose([T.RandomCrop(prep.input_size), T.RandomHorizontalFlip()])
+    return crop(x).clamp_(0.0, 1.0)
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_column: str, prep: dict, augment: bool) -> dict[str, np.ndarray]:
+    """Encoded images -> ``(n, 3, S, S)`` uint8; undecodable rows are dropped and logged."""
+    from ptame.data import ImageDecodeError, decode_image, preprocess
+
+    p = Preprocessing.from_dict(prep)
+    ids = batch.get("image_id")
+    out, bad = [], []
+    for i, data in enumerate(batch[image_column]):
+        try:
+            image = decode_image(bytes(data) if data is not None else b"")
+        except ImageDecodeError as e:
+            bad.append(f"{ids[i] if ids is not None else f'row {i}'} ({e})")
+            continue
+        x = _random_crop_flip(image, p) if augment else preprocess(image, p)[0]
+        out.append(x.mul(255).round_().to(torch.uint8).numpy())
+    if bad:
+        logger.warning("dropped %d undecodable image(s) of %d: %s", len(bad), len(batch[image_column]), "; ".join(bad))
+    s = p.input_size
+    return {"image": np.stack(out) if out else np.zeros((0, 3, s, s), np.uint8)}
+
+
+# --------------------------------------------------------------------------- training (each worker)
+
+
+def _save_state(directory: str, head: torch.nn.Module, optimizer, scheduler, scaler, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, os.path.join(directory, HEAD_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+               os.path.join(directory, OPTIM_FILE))
+    Path(directory, STATE_FILE).write_text(json.dumps(state))
+
+
+def _restore_state(directory: str, head: torch.nn.Module, optimizer, scheduler, scaler, device) -> dict:
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(os.path.join(directory, HEAD_FILE), device=str(device)))
+    saved = torch.load(os.path.join(directory, OPTIM_FILE), map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    return json.loads(Path(directory, STATE_FILE).read_text())
+
+
+def _inject_fault(marker: str, step: int) -> None:
+    """Testing only: die once (the marker file prevents a second death after the restart)."""
+    import pyarrow.fs as pafs
+
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    fs, path = pafs.FileSystem.from_uri(marker)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(str(step).encode())
+    # The controller collects reports every few seconds; wait for it so that the checkpoint just
+    # reported is the one the restart resumes from (a real crash may lose the latest report).
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+    logger.warning("fail_at_step=%d: this worker exits now (fault injection for tests)", step)
+    os._exit(1)
+
+
+def _worker_logging() -> None:
+    """Progress lines of rank 0 reach the driver through the worker's stderr."""
+    log = logging.getLogger("ptame")
+    log.setLevel(logging.INFO)
+    if not log.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def _mean_terms(out: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The loss terms of this step, averaged over the workers (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    values = torch.stack([out[k].detach().float() for k in LOSS_TERMS]).cpu()
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return dict(zip(LOSS_TERMS, values.tolist()))
+
+
+def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
+    """The explainer with its head wrapped for DDP, and the optimiser, schedule and grad scaler."""
+    import ray.train.torch
+
+    torch.manual_seed(cfg.seed)  # the same initial head on every worker
+    explainer = _build_explainer(cfg).to(device)
+    head = explainer.head
+    if cfg.num_workers > 1 and device.type == "cuda":
+        head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    # Only the head trains, so only the head is wrapped in DDP and the explainer calls the
+    # wrapper; backbone and auxiliary stay plain frozen modules. On CPU, BatchNorm statistics are
+    # per worker (SyncBatchNorm needs GPUs) and DDP broadcasts rank 0's running statistics.
+    explainer.head = ray.train.torch.prepare_model(head)
+    explainer.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    return explainer, head, optimizer, scheduler, scaler
+
+
+def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
+    """The per-worker loop: Ray Data shard in, DDP step, checkpoints out; resumes a restarted run."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    per_epoch, total, marker = raw.pop("_steps_per_epoch"), raw.pop("_total_steps"), raw.pop("_marker")
+    cfg = TrainConfig(**raw)
+    _worker_logging()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.cpus_per_worker:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    explainer, head, optimizer, scheduler, scaler = _prepare_worker(cfg, total, device)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "history": [], "resumed_from": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = _restore_state(d, head, optimizer, scheduler, scaler, device)
+        state["resumed_from"].append(state["step"])
+        if rank == 0:
+            logger.warning("resuming from the checkpoint at step %d of %d", state["step"], total)
+    last_reported = state["step"]
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:
+        dist.all_gather_object(nodes, nodes[0])
+    state["nodes"] = nodes
+    if rank == 0:
+        logger.info("%d worker(s) on %d node(s), device %s, %d torch thread(s) each, steps %d..%d",
+                    world, len(set(nodes)), device, torch.get_num_threads(), state["step"] + 1, total)
+
+    def report(terms: dict[str, float]) -> None:
+        """All ranks report the metrics (a barrier); rank 0 attaches the checkpoint."""
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                _save_state(d, head, optimizer, scheduler, scaler, state)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            metrics = {"step": state["step"], "epoch": state["epoch"], **terms}
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
+
+    shard = ray.train.get_dataset_shard("train")
+    progress_every = cfg.log_every * max(1, total // 20 // cfg.log_every)  # progress lines on logged steps
+    terms: dict[str, float] = {}
+    started, first_step = time.perf_counter(), state["step"]
+    first_done = started
+    while state["epoch"] < cfg.epochs and state["step"] < total:
+        # A resumed epoch takes a fresh pass over its shard for the steps it still owes: Ray Data
+        # streams in no fixed order, so resuming means no step is done twice, not the same images.
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, device=device, local_shuffle_buffer_size=4 * cfg.batch_size
+        ) if state["epoch_step"] < per_epoch else ()
+        for batch in batches:
+            images = batch["image"].to(torch.float32).div_(255.0)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                out = explainer.training_step(images)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state["step"] += 1
+            state["epoch_step"] += 1
+            step = state["step"]
+            log, save = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0 or step == total
+            if log or save:
+                terms = {**_mean_terms(out, world), "lr": lr}
+            if log:
+                state["history"].append({"step": step, **terms, "elapsed": time.perf_counter() - started})
+            if step == first_step + 1:  # throughput counts from the first step on (start-up excluded)
+                first_done = time.perf_counter()
+            if rank == 0 and (step % progress_every == 0 or step == total):
+                rate = (step - first_step - 1) * cfg.batch_size * world / max(time.perf_counter() - first_done, 1e-9)
+                logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f)  lr %.3g  %.1f img/s",
+                            step, total, *(terms.get(k, float("nan")) for k in LOSS_TERMS), lr, rate)
+            if save:
+                report(terms)
+                last_reported = step
+            if cfg.fail_at_step == step and rank == world - 1:
+                _inject_fault(marker, step)
+            if state["epoch_step"] >= per_epoch or step >= total:
+                break
+        state["epoch"] += 1
+        state["epoch_step"] = 0
+    if state["step"] != last_reported:  # the data ran short of the planned steps (dropped rows)
+        report(terms)
+    return state

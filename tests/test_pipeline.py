@@ -1,0 +1,189 @@
+"""The DVC pipeline end to end (real DVC, Ray, MLflow on SQLite) on a tiny configuration, params errors,
+and the champion rule of the register stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ptame.params import MissingParamError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURE_KEYS = ("AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD-MoRF", "ROAD-LeRF", "GridPG", "sec_per_image")
+STAGES = ("prepare", "train", "evaluate", "register", "explain")
+
+
+def _tiny_params() -> dict:
+    """The repository's params.yaml shrunk: EfficientNet-Lite0 at 64 px, a few steps, RISE N=16."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(backbone="builtin:efficientnet_lite0", preprocessing={"input_size": 64, "resize": 64})
+    params["data"]["demo"].update(train_images=16, eval_images=2, image_size=128, min_score=0.05)
+    params["train"].update(max_steps=3, batch_size=4, checkpoint_every=2, lr=1e-3)
+    params["evaluate"].update(max_images=2, batch_size=4)
+    params["evaluate"]["methods"]["rise"].update(num_masks=16, max_images=1, batch_size=16)
+    params["evaluate"]["gallery"]["images"] = 1
+    params["register"]["name"] = "tiny-ptame"
+    params["explain"].update(batch_size=4, concurrency=1)
+    return params
+
+
+def _project_copy(dst: Path, params: dict) -> Path:
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, dst / name)
+    shutil.copytree(ROOT / ".dvc", dst / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    for folder in ("pipelines", "ptame"):  # ptame/: the stages' code dependencies (imports use the installed ptame)
+        shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dst
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'registry.db'}"
+    env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    (tmp / "project").mkdir()
+    project = _project_copy(tmp / "project", _tiny_params())
+    env = _env(tmp)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    proc = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=2000)
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return project, env, proc
+
+
+@pytest.mark.timeout(2400)  # ~3 min on an idle 2-core machine; Ray and DVC start-up stretch a lot under load
+def test_dvc_repro_end_to_end(repro) -> None:
+    project, env, proc = repro
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in proc.stdout
+
+    # every stage's outs exist
+    assert sorted(p.name for p in (project / "data/prepared").iterdir()) == ["eval", "train"]
+    assert {"config.json", "head.safetensors"} <= {p.name for p in (project / "models/explainer").iterdir()}
+    for path in ("reports/prepare.json", "reports/train.json", "reports/plots/train_loss.csv", "reports/plots/road_morf.csv",
+                 "reports/plots/road_lerf.csv", "reports/gallery/gallery.png", "reports/registered.json"):
+        assert (project / path).is_file(), path
+
+    prepared = json.loads((project / "reports/prepare.json").read_text())
+    assert (prepared["train"], prepared["eval"], prepared["skipped"]) == (16, 2, 0)
+    trained = json.loads((project / "reports/train.json").read_text())
+    assert trained["steps"] == 3
+    assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,lr"
+
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) == {"ptame", "gradcam", "gradcampp", "rise"}
+    for method, values in metrics.items():
+        assert set(MEASURE_KEYS) <= set(values), method
+        assert 0.0 <= values["GridPG"] <= 1.0 and 0.0 <= values["ROAD-MoRF"] <= 1.0
+    assert metrics["rise"]["images"] == 1.0 and metrics["ptame"]["images"] == 2.0
+
+    # registered, promoted (first version), and the champion gives the same maps as the trained explainer
+    record = json.loads((project / "reports/registered.json").read_text())
+    assert record["version"] == "1" and record["promoted"] and record["decided_by"] == "ROAD-MoRF"
+    assert record["value"] == pytest.approx(metrics["ptame"]["ROAD-MoRF"])
+    code = (
+        "import json, sys, torch\n"
+        "from ptame.explainer import Explainer\n"
+        "from ptame.registry import configure, load_explainer\n"
+        "configure()\n"
+        "loaded = load_explainer('models:/tiny-ptame@champion')\n"
+        "local = Explainer.load('models/explainer')\n"
+        "x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))\n"
+        "a, b = loaded.explainer.explain(x, topk=2), local.explain(x, topk=2)\n"
+        "torch.testing.assert_close(a.saliency, b.saliency, rtol=0, atol=0)\n"
+        "assert torch.equal(a.classes, b.classes)\n"
+        "print(json.dumps({'uri': loaded.model_uri, 'metrics': loaded.metrics}))\n"
+    )
+    check = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    loaded = json.loads(check.stdout.strip().splitlines()[-1])
+    assert loaded["uri"] == "models:/tiny-ptame/1"
+    assert loaded["metrics"]["ROAD-MoRF"] == pytest.approx(metrics["ptame"]["ROAD-MoRF"])
+
+    # the explain stage explained every evaluation image with the pinned version
+    table = pq.read_table(project / "data/explanations", columns=["image_id", "model_uri", "error", "saliency_shape"])
+    assert table.num_rows == 2
+    assert set(table.column("model_uri").to_pylist()) == {"models:/tiny-ptame/1"}
+    assert table.column("error").to_pylist() == [None, None]
+    assert table.column("saliency_shape").to_pylist() == [[16, 16], [16, 16]]
+
+    # a second repro has nothing to do
+    status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
+def test_params_errors_name_the_key(tmp_path) -> None:
+    params = Params({"train": {"lr": 0.1, "loss": {"ce": 1.0}}})
+    assert params["train.lr"] == 0.1
+    assert params["train"]["loss.ce"] == 1.0
+    assert params.get("train.batch_size", 8) == 8
+    with pytest.raises(MissingParamError, match=r"^params.yaml: missing key 'train.batch_size'$"):
+        params["train.batch_size"]
+    with pytest.raises(MissingParamError, match="missing key 'train.loss.area'"):
+        params["train"]["loss"]["area"]
+    with pytest.raises(MissingParamError, match="missing key 'evaluate'"):
+        params["evaluate.road.seed"]
+    assert params.flat() == {"train.lr": 0.1, "train.loss.ce": 1.0}
+    with pytest.raises(FileNotFoundError, match="project root"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_stage_with_missing_param_exits_naming_it(tmp_path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["train"]["batch_size"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "params.yaml: missing key 'train.batch_size'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_champion_moves_only_to_an_at_least_as_faithful_version(tiny_explainer, tmp_path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from ptame.champion import at_least_as_good, register_and_promote
+
+    assert at_least_as_good(0.3, 0.4, "ROAD-MoRF") and not at_least_as_good(0.5, 0.4, "ROAD-MoRF")
+    assert at_least_as_good(0.4, 0.4, "ROAD-MoRF") and at_least_as_good(0.9, None, "GridPG")
+    assert not at_least_as_good(0.2, 0.3, "GridPG") and at_least_as_good(0.2, 0.1, "ROAD-gap")
+    with pytest.raises(ValueError, match="unknown decision measure"):
+        at_least_as_good(1.0, 1.0, "accuracy")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved = tiny_explainer.save(tmp_path / "explainer")
+
+    def register(morf: float) -> dict:
+        metrics = {"ptame": {"ROAD-MoRF": morf, "AD@100": 10.0}, "gradcam": {"ROAD-MoRF": 0.3}}
+        return register_and_promote(saved, "tiny", metrics, params={"train.lr": 0.1}, artifacts=[saved / "config.json"])
+
+    first, worse, tie = register(0.40), register(0.55), register(0.40)
+    assert (first["version"], first["promoted"], first["champion_before"]) == ("1", True, None)
+    assert (worse["version"], worse["promoted"]) == ("2", False)
+    assert worse["champion_before"] == {"version": "1", "value": 0.40}
+    assert (tie["version"], tie["promoted"]) == ("3", True)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "3"
+    run = client.get_run(client.get_model_version("tiny", "2").run_id)
+    assert run.data.metrics["gradcam.ROAD-MoRF"] == 0.3 and run.data.metrics["AD_at_100"] == 10.0
+    assert run.data.params["train.lr"] == "0.1"
+    assert client.get_model_version("tiny", "2").tags["decided_by"] == "ROAD-MoRF"
+    assert (tmp_path / "mlflow.db").is_file()

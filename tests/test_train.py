@@ -1,0 +1,220 @@
+"""Ray Train layer: real Ray (a two-node cluster on this machine), real checkpoints, a real fault."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import AUXILIARY, TINY_BACKBONE, assert_maps
+from ptame.explainer import Explainer
+from ptame.testing import object_scenes
+from ptame.train import TrainConfig, TrainResult, train
+
+ray = pytest.importorskip("ray")
+
+TINY_PREP = {"input_size": 64, "resize": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_scenes(folder: Path, n: int, shards: int = 2, corrupt: int = 0, seed: int = 0) -> Path:
+    """``n`` object scenes as PNG bytes in ``shards`` Parquet files, plus ``corrupt`` garbage rows."""
+    images, labels, _ = object_scenes(n, seed=seed)
+    rows = [(f"scene-{i:04d}", png(im)) for i, im in enumerate(images)]
+    rows += [(f"corrupt-{i}", b"\x89PNG not really") for i in range(corrupt)]
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        part = rows[s::shards]
+        table = pa.table({
+            "image_id": [r[0] for r in part],
+            "image": pa.array([r[1] for r in part], pa.binary()),
+            "split": ["train"] * len(part),
+        })
+        pq.write_table(table, folder / f"part-{s}.parquet")
+    return folder
+
+
+def tiny_config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        backbone=TINY_BACKBONE,
+        auxiliary=AUXILIARY,
+        data=str(data),
+        output_dir=str(tmp_path / "explainer"),
+        preprocessing=TINY_PREP,
+        batch_size=8,
+        lr=3e-3,
+        storage_path=str(tmp_path / "ray_results"),
+        checkpoint_every=8,
+    )
+    return replace(base, **overrides)
+
+
+def mean_loss(history: list[dict], steps: range) -> float:
+    return float(np.mean([h["loss"] for h in history if h["step"] in steps]))
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A head and a worker node on this machine (2 logical CPUs each); shut down at teardown."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# --------------------------------------------------------------------------- bad settings (no Ray)
+
+
+def test_zero_workers_is_refused_naming_the_field(tmp_path) -> None:
+    with pytest.raises(ValueError, match="num_workers"):
+        tiny_config(tmp_path, tmp_path, num_workers=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_config(tmp_path, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="loss"):
+        tiny_config(tmp_path, tmp_path, loss={"ce": 1.0, "nope": 2.0})
+    with pytest.raises(ValueError, match="preprocessing"):
+        tiny_config(tmp_path, tmp_path, preprocessing={"input_sise": 64})
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train({"data": "x"})  # type: ignore[arg-type]
+
+
+def test_missing_data_is_refused_naming_the_field(tmp_path) -> None:
+    ray_before = ray.is_initialized()
+    with pytest.raises(FileNotFoundError, match=r"TrainConfig\.data.*does-not-exist"):
+        train(tiny_config(tmp_path, tmp_path / "does-not-exist"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"TrainConfig\.data: no Parquet files"):
+        train(tiny_config(tmp_path, tmp_path / "empty"))
+    assert ray.is_initialized() == ray_before  # refused before any Ray started
+
+
+def test_bad_backbone_column_or_size_is_refused_before_ray_starts(tmp_path) -> None:
+    ray_before = ray.is_initialized()
+    data = write_scenes(tmp_path / "data", 16, shards=1)
+    with pytest.raises(ValueError, match=r"TrainConfig\.backbone"):
+        train(tiny_config(tmp_path, data, backbone="python:ptame.testing:no_such_model"))
+    with pytest.raises(ValueError, match=r"TrainConfig\.data .* no column 'pixels'"):
+        train(tiny_config(tmp_path, data, image_column="pixels"))
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        train(tiny_config(tmp_path, data, batch_size=32))
+    assert ray.is_initialized() == ray_before
+
+
+def test_run_directory_follows_settings_and_data(tmp_path) -> None:
+    """Same settings and data: same run directory (a rerun resumes); anything that changes the result: new one."""
+    from ptame.train import _data_files, _run_directory
+
+    data = write_scenes(tmp_path / "data", 8, shards=2)
+    cfg = tiny_config(tmp_path, data)
+    name = _run_directory(cfg, _data_files(str(data)))
+    assert name.startswith("ptame-train-")
+    assert _run_directory(replace(cfg, checkpoint_every=3, storage_path="elsewhere", fail_at_step=2),
+                          _data_files(str(data))) == name
+    assert _run_directory(replace(cfg, lr=1e-3), _data_files(str(data))) != name
+    assert _run_directory(replace(cfg, num_workers=2), _data_files(str(data))) != name
+    write_scenes(tmp_path / "data2", 9, shards=2)
+    (data / "part-1.parquet").write_bytes((tmp_path / "data2" / "part-1.parquet").read_bytes())
+    assert _run_directory(cfg, _data_files(str(data))) != name, "new data must not resume an old run"
+    assert _run_directory(replace(cfg, resume=False), _data_files(str(data))) != _run_directory(cfg, _data_files(str(data)))
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def test_single_worker_trains_survives_a_worker_death_and_saves(tmp_path, two_node_cluster) -> None:
+    """24 steps on one worker; the worker dies at step 12, the restart resumes at the step-8 checkpoint."""
+    data = write_scenes(tmp_path / "data", 24 * 8, corrupt=3)  # 3 undecodable rows are dropped, not fatal
+    cfg = tiny_config(tmp_path, data, max_steps=24, fail_at_step=12, augment=True)
+    result = train(cfg)
+
+    assert isinstance(result, TrainResult)
+    assert result.steps == 24
+    assert result.resumed_from == (8,), "the restart must resume at the last checkpoint, not at step 0"
+    assert [h["step"] for h in result.history] == list(range(1, 25)), "no step repeated or missing"
+    assert mean_loss(result.history, range(20, 25)) < 0.7 * mean_loss(result.history, range(1, 5))
+    assert result.checkpoint is not None and Path(result.checkpoint).name == "checkpoint_0000024"
+    state = json.loads((Path(result.checkpoint) / "train_state.json").read_text())
+    assert state["step"] == 24 and state["resumed_from"] == [8]
+    assert (Path(cfg.storage_path) / Path(result.run_path).name / ".fault-injected").read_text() == "12"
+
+    explainer = Explainer.load(result.explainer_dir)
+    assert explainer.preprocessing.input_size == 64
+    images, _, _ = object_scenes(4, seed=77)
+    assert_maps(explainer.explain(images).saliency, (4, 1, 16, 16))
+    # the saved head is the checkpoint's head
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(result.checkpoint) / "head.safetensors"))
+    for name, tensor in explainer.head.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name])
+
+    # rerunning the finished job with identical settings reuses it: no step is redone
+    checkpoints = sorted(Path(result.run_path).glob("checkpoint_0*"))
+    again = train(replace(cfg, fail_at_step=None, output_dir=str(tmp_path / "again")))
+    assert again.steps == 24 and again.resumed_from == (8, 24) and again.run_path == result.run_path
+    assert [h["step"] for h in again.history] == list(range(1, 25))
+    assert sorted(Path(result.run_path).glob("checkpoint_0*")) == checkpoints
+    assert (tmp_path / "again" / "head.safetensors").read_bytes() == (tmp_path / "explainer" / "head.safetensors").read_bytes()
+
+
+def test_two_workers_on_two_nodes(tmp_path, two_node_cluster) -> None:
+    """DDP over the head across two Ray nodes: one worker per node, loss goes down, one checkpoint."""
+    data = write_scenes(tmp_path / "data", 16 * 4 * 2, shards=4)
+    cfg = tiny_config(tmp_path, data, num_workers=2, batch_size=4, max_steps=16, checkpoint_every=100,
+                      placement_strategy="STRICT_SPREAD", augment=False, log_every=2)
+    result = train(cfg)
+
+    assert result.steps == 16
+    assert len(result.worker_nodes) == 2 and len(set(result.worker_nodes)) == 2
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert set(result.worker_nodes) == alive
+    assert [h["step"] for h in result.history] == list(range(2, 17, 2))
+    assert mean_loss(result.history, range(12, 17)) < 0.7 * mean_loss(result.history, range(1, 5))
+    checkpoints = sorted(p.name for p in Path(result.run_path).glob("checkpoint_0*"))
+    assert checkpoints == ["checkpoint_0000016"], "checkpoint_every=100: only the final checkpoint"
+    assert Explainer.load(result.explainer_dir).head.num_classes == 4
+
+
+@pytest.mark.slow
+def test_epochs_with_undecodable_rows_end_cleanly(tmp_path, two_node_cluster) -> None:
+    """Dropped rows leave each epoch short of its planned steps: the run ends after the last epoch."""
+    data = write_scenes(tmp_path / "data", 40, shards=2, corrupt=8)  # 48 rows: 6 planned steps, 5 real
+    cfg = tiny_config(tmp_path, data, epochs=2, checkpoint_every=100)
+    result = train(cfg)
+    assert result.steps == 10
+    assert [h["step"] for h in result.history] == list(range(1, 11))
+    assert Path(result.checkpoint).name == "checkpoint_0000010"
+    again = train(cfg)  # finished: reused without training
+    assert again.steps == 10 and again.resumed_from == (10,)
+
+
+@pytest.mark.slow
+def test_too_many_failures_raise(tmp_path, two_node_cluster) -> None:
+    from ray.train import TrainingFailedError
+
+    data = write_scenes(tmp_path / "data", 64, shards=1)
+    with pytest.raises(TrainingFailedError):
+        train(tiny_config(tmp_path, data, max_steps=6, fail_at_step=3, max_failures=0))
+    assert not (tmp_path / "explainer").exists()
