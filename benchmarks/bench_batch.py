@@ -26,31 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ptame.batch import explain_to_parquet
-from ptame.demo import load_photos, random_crop
+from ptame.demo import write_sample_jpegs
 from ptame.explainer import Explainer
 from ptame.explanations import explanations_table
 from ptame.records import explain_prepared, prepare_image
-
-
-def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` JPEGs: random square crops of the demo photos at 300-640 px, some resized to non-squares."""
-    photos = load_photos()
-    names = sorted(photos)
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        crop = random_crop(photos[names[i % len(names)]], rng, int(rng.integers(300, 641)))
-        if i % 3 == 0:
-            crop = crop.resize((crop.size[0], int(crop.size[1] * rng.uniform(0.6, 0.9))))
-        path = folder / f"img{i:05d}.jpg"
-        crop.save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def plain_loop(explainer: Explainer, paths: list[Path], batch_size: int, topk: int, threads: int) -> dict[str, float]:
@@ -109,7 +91,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = make_images(root / "images", args.images)
+        paths = write_sample_jpegs(root / "images", args.images)
         torch.manual_seed(0)
         explainer = Explainer.from_uris("builtin:efficientnet_lite2", "builtin:efficientnet_lite0")
         model = explainer.save(root / "model")

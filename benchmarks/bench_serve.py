@@ -32,26 +32,11 @@ import httpx
 import numpy as np
 import torch
 
-from ptame.demo import load_photos, random_crop
+from ptame.demo import write_sample_jpegs
 from ptame.explainer import Explainer
 from ptame.records import explain_prepared, prepare_image
 
 BACKBONE, AUXILIARY = "builtin:efficientnet_lite2", "builtin:efficientnet_lite0"
-
-
-def make_images(folder: Path, n: int, seed: int = 0) -> list[bytes]:
-    """``n`` JPEG files of random crops of the demo photos, 300-640 px; returns their bytes."""
-    photos = load_photos()
-    names = sorted(photos)
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    bodies = []
-    for i in range(n):
-        crop = random_crop(photos[names[i % len(names)]], rng, int(rng.integers(300, 641)))
-        path = folder / f"img{i:05d}.jpg"
-        crop.save(path, quality=90)
-        bodies.append(path.read_bytes())
-    return bodies
 
 
 def plain_loop(explainer: Explainer, bodies: list[bytes], batch_size: int = 16) -> float:
@@ -120,7 +105,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bodies = make_images(root / "images", args.images)
+        bodies = [p.read_bytes() for p in write_sample_jpegs(root / "images", args.images)]
         torch.manual_seed(0)
         explainer = Explainer.from_uris(BACKBONE, AUXILIARY)
         model = explainer.save(root / "model")

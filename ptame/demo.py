@@ -10,6 +10,7 @@ grid pointing game (Rao et al., CVPR 2022).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from PIL import Image
 from ptame.data import preprocess
 from ptame.models import Classifier
 
-__all__ = ["PHOTOS", "GridCell", "EvalGrid", "cell_candidates", "eval_grids", "grid", "load_photos", "random_crop", "train_images"]
+__all__ = ["PHOTOS", "GridCell", "EvalGrid", "cell_candidates", "eval_grids", "grid", "load_photos", "random_crop", "train_images", "write_sample_jpegs"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +229,20 @@ def eval_grids(
             EvalGrid(f"eval-s{seed}-{i:05d}-grid", grid([c.image for c in cells], size), [c.label for c in cells], [c.photo for c in cells])
         )
     return out
+
+
+def write_sample_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` JPEGs of random 300-640 px crops of the photos (every third one non-square), for benchmarks."""
+    photos = load_photos()
+    names = sorted(photos)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        crop = random_crop(photos[names[i % len(names)]], rng, int(rng.integers(300, 641)))
+        if i % 3 == 0:
+            crop = crop.resize((crop.size[0], int(crop.size[1] * rng.uniform(0.6, 0.9))))
+        path = folder / f"img{i:05d}.jpg"
+        crop.save(path, quality=90)
+        paths.append(path)
+    return paths
