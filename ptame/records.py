@@ -69,19 +69,21 @@ def explain_prepared(explainer: Explainer, items: Sequence[Prepared], topk: int 
     batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
     k = min(topk, explainer.backbone.num_classes)
     result = explainer.explain(batch, topk=k)
+    # the whole batch to the host at once: per-row reads would each wait on the GPU
+    all_classes, all_scores = result.classes.cpu().tolist(), result.scores.float().cpu().tolist()
+    maps = result.saliency[:, 0].float().cpu()
     names = explainer.class_names
     for j, i in enumerate(good):
-        classes = result.classes[j].tolist()
-        sal = result.saliency[j, 0]
+        classes, scores, sal = all_classes[j], all_scores[j], maps[j]
         rows[i] = {
             "width": items[i].width,
             "height": items[i].height,
             "crop_box": list(items[i].crop_box or ()),
             "pred_class": int(classes[0]),
             "pred_label": names[classes[0]],
-            "pred_score": float(result.scores[j, 0]),
+            "pred_score": float(scores[0]),
             "topk_classes": [int(c) for c in classes],
-            "topk_scores": [float(s) for s in result.scores[j].tolist()],
+            "topk_scores": [float(s) for s in scores],
             "saliency": quantize(sal),
             "saliency_shape": [int(sal.shape[0]), int(sal.shape[1])],
             "error": None,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ptame.explainer import Explainer, check_images
 from ptame.head import minmax_normalize
-from ptame.models import Classifier
+from ptame.models import Classifier, probe_input
 
 __all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 
@@ -100,7 +100,7 @@ def find_target_layer(model: nn.Module, input_size: int = 224) -> tuple[str, nn.
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size))
+            model(probe_input(model, input_size))  # on the model's device: a CPU probe fails on a GPU model
     finally:
         for h in handles:
             h.remove()
@@ -139,10 +139,11 @@ def _cam(cam_cls_name: str) -> SaliencyMethod:
         if hasattr(cam, "batch_size"):
             cam.batch_size = batch_size
         out = []
+        wanted = classes.tolist()  # one host sync, not one per image
         try:
             for start in range(0, images.shape[0], batch_size):
                 chunk = images[start : start + batch_size].detach().clone().requires_grad_(True)
-                targets = [ClassifierOutputTarget(int(c)) for c in classes[start : start + batch_size]]
+                targets = [ClassifierOutputTarget(c) for c in wanted[start : start + batch_size]]
                 out.append(torch.from_numpy(cam(input_tensor=chunk, targets=targets)).float())
         finally:
             cam.activations_and_grads.release()

@@ -76,7 +76,8 @@ class TrainConfig:
         augment: resize, random crop and horizontal flip (method.md); off: resize + centre crop.
         num_workers: Ray Train workers (one process each, DDP over the head).
         use_gpu: one GPU per worker.
-        amp: mixed precision (bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA).
+        amp: mixed precision: bf16 autocast on CPU and on GPUs with bf16 (Ampere and newer),
+            fp16 autocast + GradScaler on older GPUs.
         storage_path: where Ray Train keeps checkpoints (local directory, made absolute, or a
             shared/cloud URI; multi-node clusters need storage every node can reach).
         run_name: prefix of the run directory under ``storage_path``.
@@ -492,7 +493,8 @@ def _restore_state(directory: str, head: torch.nn.Module, optimizer, scheduler, 
     saved = torch.load(os.path.join(directory, OPTIM_FILE), map_location=device, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
+    if saved["scaler"]:  # empty when saved without fp16 (another GPU kind may resume the run)
+        scaler.load_state_dict(saved["scaler"])
     return json.loads(Path(directory, STATE_FILE).read_text())
 
 
@@ -525,15 +527,53 @@ def _worker_logging() -> None:
         log.addHandler(handler)
 
 
-def _mean_terms(out: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    """The loss terms of this step, averaged over the workers (a collective: every rank calls it)."""
+def _mean_terms(values: torch.Tensor) -> list[list[float]]:
+    """Rows of loss terms averaged over the workers, reduced where they live, then read once.
+
+    A collective when a process group is up (every rank calls it): NCCL refuses CPU tensors, so the
+    reduction runs on the worker's device and only the result is copied to the host.
+    """
     import torch.distributed as dist
 
-    values = torch.stack([out[k].detach().float() for k in LOSS_TERMS]).cpu()
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
-        values /= world
-    return dict(zip(LOSS_TERMS, values.tolist()))
+        values = values / dist.get_world_size()
+    return values.cpu().tolist()
+
+
+class _LossLog:
+    """Loss terms of the logged steps, kept on the device until :meth:`flush` reduces them all in one
+    collective: a per-step history without a host sync or a collective in every step."""
+
+    def __init__(self) -> None:
+        self._terms: list[torch.Tensor] = []
+        self._rows: list[dict[str, float]] = []
+        self._keep: list[bool] = []
+
+    def add(self, out: dict[str, torch.Tensor], row: dict[str, float], keep: bool = True) -> None:
+        """Queue this step's terms; ``row`` (step, lr, ...) gets them at the flush; ``keep=False``:
+        reported with a checkpoint but not part of the history."""
+        self._terms.append(torch.stack([out[k].detach().float() for k in LOSS_TERMS]))
+        self._rows.append(row)
+        self._keep.append(keep)
+
+    def flush(self) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """``(history rows, terms of the latest step)``; a collective: every rank calls it at the same step."""
+        if not self._terms:
+            return [], {}
+        values = _mean_terms(torch.stack(self._terms))
+        rows = [{"step": row["step"], **dict(zip(LOSS_TERMS, v)), **row} for row, v in zip(self._rows, values)]
+        kept = [r for r, keep in zip(rows, self._keep) if keep]
+        self._terms, self._rows, self._keep = [], [], []
+        return kept, {k: rows[-1][k] for k in (*LOSS_TERMS, "lr")}
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CPUs and on GPUs that have it (no GradScaler, so no host sync per
+    step); fp16, with a GradScaler, on older GPUs."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
 
 
 def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
@@ -552,7 +592,7 @@ def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
     explainer.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and _amp_dtype(device) == torch.float16)
     return explainer, head, optimizer, scheduler, scaler
 
 
@@ -572,7 +612,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     explainer, head, optimizer, scheduler, scaler = _prepare_worker(cfg, total, device)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = _amp_dtype(device)
 
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
@@ -604,6 +644,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     progress_every = cfg.log_every * max(1, total // 20 // cfg.log_every)  # progress lines on logged steps
     terms: dict[str, float] = {}
+    losses = _LossLog()
     started, first_step = time.perf_counter(), state["step"]
     first_done = started
     while state["epoch"] < cfg.epochs and state["step"] < total:
@@ -627,12 +668,14 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
             step = state["step"]
             log, save = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0 or step == total
             if log or save:
-                terms = {**_mean_terms(out, world), "lr": lr}
-            if log:
-                state["history"].append({"step": step, **terms, "elapsed": time.perf_counter() - started})
+                losses.add(out, {"step": step, "lr": lr, "elapsed": time.perf_counter() - started}, keep=log)
+            progress = step % progress_every == 0 or step == total
+            if save or progress:  # the only steps that read the terms: one collective for all queued
+                rows, terms = losses.flush()
+                state["history"].extend(rows)
             if step == first_step + 1:  # throughput counts from the first step on (start-up excluded)
                 first_done = time.perf_counter()
-            if rank == 0 and (step % progress_every == 0 or step == total):
+            if rank == 0 and progress:
                 rate = (step - first_step - 1) * cfg.batch_size * world / max(time.perf_counter() - first_done, 1e-9)
                 logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f)  lr %.3g  %.1f img/s",
                             step, total, *(terms.get(k, float("nan")) for k in LOSS_TERMS), lr, rate)
@@ -645,6 +688,8 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
                 break
         state["epoch"] += 1
         state["epoch_step"] = 0
+    rows, last = losses.flush()  # queued steps after the last flush (the data ran short)
+    state["history"].extend(rows)
     if state["step"] != last_reported:  # the data ran short of the planned steps (dropped rows)
-        report(terms)
+        report(last or terms)
     return state

@@ -17,6 +17,31 @@ TINY_BACKBONE = "python:ptame.testing:tiny_cnn"
 AUXILIARY = "builtin:efficientnet_lite0"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests skip, never fail, where CUDA is missing."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def count_syncs(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - test helper
+    """``(fn(*args, **kwargs), number of host-device synchronisations it made)`` on CUDA."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in caught)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

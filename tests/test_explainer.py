@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY_PREP, assert_maps
+from conftest import TINY_PREP, assert_maps, count_syncs
 from ptame.explainer import Explainer, check_images
 from ptame.losses import LossWeights
 from ptame.models import Classifier, Preprocessing
@@ -109,3 +109,31 @@ def test_the_papers_backbones_train_and_explain(name: str, auxiliary) -> None:
     assert torch.isfinite(out["loss"]) and explainer.head.fuser.weight.grad is not None
     result = explainer.explain(images)
     assert_maps(result.saliency, (2, 1, 56, 56))
+
+
+@pytest.mark.gpu
+def test_check_images_on_the_gpu_syncs_once_and_still_refuses_bad_input() -> None:
+    good = torch.rand(8, 3, 64, 64, device="cuda")
+    _, syncs = count_syncs(check_images, good)
+    assert syncs == 1  # min, max and finiteness from one reduction, read back once
+    for bad, error, match in [
+        (torch.full((1, 3, 64, 64), float("nan"), device="cuda"), ValueError, "NaN"),
+        (torch.full((1, 3, 64, 64), float("-inf"), device="cuda"), ValueError, "infinite"),
+        (torch.rand(1, 3, 64, 64, device="cuda") * 255, ValueError, r"\[0, 1\]"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device="cuda"), TypeError, "floating"),
+    ]:
+        with pytest.raises(error, match=match):
+            check_images(bad)
+
+
+@pytest.mark.gpu
+def test_training_step_and_explain_run_on_the_gpu(tiny_explainer: Explainer) -> None:
+    explainer = tiny_explainer.cuda()
+    images = torch.rand(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = explainer.training_step(images)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and explainer.head.fuser.weight.grad is not None
+    result = explainer.explain(images, classes=[1, 2, 0, 3])
+    assert result.saliency.is_cuda
+    assert_maps(result.saliency.cpu(), (4, 1, 16, 16))

@@ -1,3 +1,4 @@
+import copy
 import io
 
 import numpy as np
@@ -33,3 +34,26 @@ def test_explain_prepared_gives_a_row_per_input(tiny_explainer) -> None:
     expected = tiny_explainer.explain(items[0].tensor[None]).saliency[0, 0]
     assert np.abs(dequantize(good["saliency"], (16, 16)) - expected.numpy()).max() <= 0.5 / 255 + 1e-6
     assert bad["saliency"] is None and bad["pred_class"] is None
+
+
+@pytest.mark.gpu
+def test_explain_prepared_reads_the_gpu_once_per_batch_not_per_row(tiny_explainer, monkeypatch) -> None:
+    from conftest import count_syncs
+
+    # full fp32 on the GPU, so that its maps can be compared with the CPU's
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu_explainer = copy.deepcopy(tiny_explainer)
+    explainer = tiny_explainer.cuda()
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(buf, "PNG")
+    item = prepare_image(buf.getvalue(), explainer.preprocessing)
+    rows2, syncs2 = count_syncs(explain_prepared, explainer, [item] * 2, topk=3)
+    rows8, syncs8 = count_syncs(explain_prepared, explainer, [item] * 8, topk=3)
+    assert syncs8 == syncs2  # host reads do not grow with the batch
+    assert len(rows8) == 8 and all(r["error"] is None for r in rows8)
+    cpu = explain_prepared(cpu_explainer, [item], topk=3)[0]
+    for row in (rows2[0], rows8[7]):
+        assert sorted(row["topk_classes"]) == sorted(cpu["topk_classes"])
+        assert row["pred_score"] == pytest.approx(cpu["pred_score"], abs=1e-4)
+        assert np.abs(dequantize(row["saliency"], (16, 16)) - dequantize(cpu["saliency"], (16, 16))).max() <= 1.5 / 255

@@ -3,6 +3,7 @@ import torch
 
 from conftest import assert_maps, dilate
 from ptame.metrics import pointing_hit
+from ptame.models import probe_input
 from ptame.saliency import METHODS, find_target_layer, rise_masks, saliency
 from ptame.testing import object_scenes
 
@@ -56,3 +57,26 @@ def test_bad_method_and_classes(tiny_explainer) -> None:
         saliency("lime", tiny_explainer, images, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="classes must have shape"):
         saliency("gradcam", tiny_explainer, images, torch.tensor([0, 1, 2]))
+
+
+def test_target_layer_probe_follows_the_model_dtype() -> None:
+    from ptame.testing import tiny_cnn
+
+    model = tiny_cnn().double()  # a float32 CPU probe would fail on float64 weights, as on a GPU model
+    assert probe_input(model, 40).dtype == torch.float64
+    assert find_target_layer(model, 64)[0] == find_target_layer(tiny_cnn(), 64)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_cam_methods_on_a_gpu_backbone(method: str, scene_backbone) -> None:
+    import copy
+
+    backbone = copy.deepcopy(scene_backbone).cuda()
+    assert probe_input(backbone.model, 64).device.type == "cuda"
+    assert find_target_layer(backbone.model, 64)[0] == find_target_layer(scene_backbone.model, 64)[0]
+    images, labels, masks = object_scenes(16, seed=5)
+    maps = saliency(method, backbone, images.cuda(), labels.cuda())
+    assert maps.is_cuda
+    assert_maps(maps.cpu(), (16, 64, 64))
+    assert pointing_hit(maps.cpu(), dilate(masks, 4)).float().mean() >= 0.8

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import AUXILIARY, TINY_BACKBONE, assert_maps
 from ptame.explainer import Explainer
 from ptame.testing import object_scenes
-from ptame.train import TrainConfig, TrainResult, train
+from ptame.train import LOSS_TERMS, TrainConfig, TrainResult, _LossLog, _mean_terms, train
 
 ray = pytest.importorskip("ray")
 
@@ -140,7 +140,76 @@ def test_run_directory_follows_settings_and_data(tmp_path) -> None:
     assert _run_directory(replace(cfg, resume=False), _data_files(str(data))) != _run_directory(cfg, _data_files(str(data)))
 
 
+# --------------------------------------------------------------------------- loss history
+
+
+@pytest.fixture()
+def process_group(request):
+    """A one-rank torch.distributed group (gloo, or NCCL when the test asks for ``"nccl"``)."""
+    import socket
+
+    import torch.distributed as dist
+
+    backend = getattr(request, "param", "gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def step_terms(step: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(step + i / 10, device=device) for i, k in enumerate(LOSS_TERMS)}
+
+
+def test_loss_log_reduces_every_queued_step_in_one_collective(process_group, monkeypatch) -> None:
+    calls = []
+    original = process_group.all_reduce
+    monkeypatch.setattr(process_group, "all_reduce", lambda t, *a, **k: calls.append(t.shape) or original(t, *a, **k))
+    log = _LossLog()
+    for step in range(1, 6):
+        log.add(step_terms(step), {"step": step, "lr": 0.1 * step, "elapsed": float(step)}, keep=step != 4)
+    rows, latest = log.flush()
+    assert calls == [(5, len(LOSS_TERMS))]  # one collective for five steps
+    assert [r["step"] for r in rows] == [1, 2, 3, 5]  # step 4 was checkpoint-only
+    assert list(rows[0]) == ["step", *LOSS_TERMS, "lr", "elapsed"]
+    assert rows[1]["ce"] == pytest.approx(2.1) and rows[-1]["tv"] == pytest.approx(5.3)
+    assert latest == pytest.approx({"loss": 5.0, "ce": 5.1, "area": 5.2, "tv": 5.3, "lr": 0.5})
+    assert log.flush() == ([], {})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("process_group", ["nccl"], indirect=True)
+def test_loss_terms_are_reduced_on_the_gpu_with_nccl(process_group) -> None:
+    values = torch.stack([torch.stack(list(step_terms(s, "cuda").values())) for s in (1, 2)])
+    reduced = _mean_terms(values)
+    assert len(reduced) == 2 and reduced[0] + reduced[1] == pytest.approx([1.0, 1.1, 1.2, 1.3, 2.0, 2.1, 2.2, 2.3])
+    log = _LossLog()
+    log.add(step_terms(7, "cuda"), {"step": 7, "lr": 0.5, "elapsed": 1.0})
+    rows, latest = log.flush()
+    assert rows[0]["area"] == pytest.approx(7.2) and isinstance(rows[0]["area"], float)
+
+
 # --------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.gpu
+def test_gpu_training_with_amp_logs_every_step(tmp_path) -> None:
+    """One GPU worker on a local Ray that train() starts itself, mixed precision, per-step history."""
+    if ray.is_initialized() and not ray.cluster_resources().get("GPU"):
+        pytest.skip("a Ray without GPUs is already running in this process")
+    data = write_scenes(tmp_path / "data", 48)
+    result = train(tiny_config(tmp_path, data, use_gpu=True, amp=True, max_steps=6, checkpoint_every=4, log_every=1))
+    assert result.steps == 6
+    assert [h["step"] for h in result.history] == list(range(1, 7))
+    assert all(np.isfinite([h[k] for h in result.history for k in LOSS_TERMS]))
+    explainer = Explainer.load(result.explainer_dir)
+    assert_maps(explainer.explain(object_scenes(2, seed=9)[0]).saliency, (2, 1, 16, 16))
 
 
 def test_single_worker_trains_survives_a_worker_death_and_saves(tmp_path, two_node_cluster) -> None:

@@ -235,13 +235,14 @@ def road_curve(
         img = images[start : start + batch_size]
         tgt = targets[start : start + batch_size]
         relevance = upsample_maps(saliency[start : start + batch_size], (h, w)).flatten(1)
-        ranking = torch.argsort(relevance, dim=1, descending=(order == "morf"), stable=True)
+        # to the host once per batch: the imputation runs on the CPU, image by image
+        ranking = torch.argsort(relevance, dim=1, descending=(order == "morf"), stable=True).cpu()
         for p in ps:
             k = round(p / 100 * h * w)
             imputed = torch.empty_like(img)
             for i in range(img.shape[0]):
                 missing = torch.zeros(h * w, dtype=torch.bool)
-                missing[ranking[i, :k].cpu()] = True
+                missing[ranking[i, :k]] = True
                 imputed[i] = impute(img[i], missing.view(h, w), noise_std, generator)
             logits = batched_logits(classifier, imputed, batch_size)
             correct[p] += int((logits.argmax(1) == tgt.to(logits.device)).sum())
