@@ -5,7 +5,9 @@ explain / (backbone + auxiliary forward), Grad-CAM / P-TAME, RISE(N) / P-TAME, a
 step with gathered classes vs all K maps. RISE is linear in N: it is timed at a small N on a few
 images and scaled to the reported N per image (stated in the table).
 
-    python benchmarks/bench_explain.py [--batch-size 16] [--size 224] [--rise-n 4000]
+    python benchmarks/bench_explain.py [--batch-size 16] [--size 224] [--rise-n 4000] [--device cuda]
+
+On a GPU every call is followed by ``torch.cuda.synchronize()`` before the clock stops.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ from ptame.explainer import Explainer
 from ptame.saliency import saliency
 
 
-def timed_together(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so all see the same machine load."""
+def timed_together(
+    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin so all see the same machine load.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize`` on a GPU) inside the timing.
+    """
     for fn in fns.values():
         fn()  # warm-up
+    sync()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -44,11 +53,16 @@ def main() -> None:
     parser.add_argument("--rise-n", type=int, default=4000, help="RISE masks per image to report")
     parser.add_argument("--rise-measured-n", type=int, default=256, help="RISE masks actually timed per image")
     parser.add_argument("--rise-images", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i> (default: %(default)s)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this machine has no CUDA device")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
-    explainer = Explainer.from_uris(args.backbone, args.auxiliary)
-    images = torch.rand(args.batch_size, 3, args.size, args.size)
+    explainer = Explainer.from_uris(args.backbone, args.auxiliary).to(device)
+    images = torch.rand(args.batch_size, 3, args.size, args.size, device=device)
     classes = explainer.backbone(images).argmax(1)
     b = args.batch_size
 
@@ -83,6 +97,7 @@ def main() -> None:
             "step_full": step(False),
         },
         args.repeats,
+        sync,
     )
     t_backbone, t_aux, t_explain, t_gradcam = t["backbone"], t["auxiliary"], t["explain"], t["gradcam"]
     t_rise = t["rise"] / args.rise_images * (args.rise_n / args.rise_measured_n) * b
@@ -97,8 +112,9 @@ def main() -> None:
         ("train step, gathered classes", t_step_gather),
         (f"train step, all {explainer.backbone.num_classes} maps", t_step_full),
     ]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nbatch {b} x 3 x {args.size} x {args.size}, {args.backbone} explained via {args.auxiliary}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+          f"{where}, median of {args.repeats}\n")
     print(f"| {'what':58} | {'s / batch':>9} | {'ms / image':>10} |")
     print(f"|{'-' * 60}|{'-' * 11}|{'-' * 12}|")
     for name, t in rows:
