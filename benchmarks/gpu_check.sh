@@ -69,7 +69,7 @@ run_step() {
   timeout -k 15 "$limit" bash -c '"$@"' _ "$@" >"$log" 2>&1
   rc=$?
   dt=$(($(date +%s) - t0))
-  detail="$(grep '^RESULT: ' "$log" | sed 's/^RESULT: //' | paste -sd ';' - | sed 's/;/; /g')"
+  detail="$(grep '^RESULT: ' "$log" | sed 's/^RESULT: //' | awk 'NR > 1 { printf "; " } { printf "%s", $0 }')"
   [[ -z "$detail" ]] && detail="$(grep -E '(passed|failed|skipped|error)' "$log" | tail -1)"
   if ((rc == 0)); then
     status=PASS
@@ -111,7 +111,7 @@ if ((DRY)) && [[ "${GPU_CHECK_INSTALL:-0}" != 1 ]]; then
 else
   run_step install 120 install_step
 fi
-run_step "gpu tests" 150 gpu_tests
+run_step "gpu tests" 180 gpu_tests
 run_step bench_explain 60 bench_step
 run_step "ptame explain" 170 "$PY" benchmarks/gpu_check.py explain --workdir "$WORK/explain" --device "$DEVICE" \
   --images "$IMAGES" --batch-size "$BATCH" --chunk-size "$CHUNK"
