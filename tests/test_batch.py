@@ -22,7 +22,7 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
 from PIL import Image
 
-from ptame.batch import _actors, chunk_file, explain_to_parquet
+from ptame.batch import _actor_threads, _actors, chunk_file, explain_to_parquet
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
 from ptame.records import prepare_image
@@ -294,3 +294,33 @@ def test_explain_actors_leave_a_cpu_to_decode() -> None:
         _actors({"CPU": 16.0}, None, True)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
         _actors({"CPU": 2.0}, 2, False)
+
+
+def test_explain_actors_share_the_cores_decoding_leaves() -> None:
+    assert _actor_threads({"CPU": 2.0}, 1, False) == 2  # one actor and the decoding on a 2-core laptop
+    assert _actor_threads({"CPU": 16.0}, 8, False) == 2 and _actor_threads({"CPU": 4.0}, 3, False) == 1
+    assert _actor_threads({"CPU": 16.0, "GPU": 1.0}, 1, True) == 2  # GPU actors leave the cores to decoding
+    assert _actor_threads({"CPU": 2.0, "GPU": 1.0}, 1, True) == 1
+
+
+def test_two_nodes_explain_every_input_exactly_once(tmp_path, saved_model, explainer) -> None:
+    """A head and a worker node of 2 CPUs each; three explain actors of one CPU cannot fit on one node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        data, bad = mixed_files()
+        images = write_files(tmp_path / "images", data)
+        out = tmp_path / "out"
+        command = _cli("--model", str(saved_model), "--input", str(images), "--output", str(out), "--chunk-size", "3",
+                       "--batch-size", "2", "--topk", "4", "--concurrency", "3", "--address", cluster.address)  # fmt: skip
+        job = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    finally:
+        cluster.shutdown()
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "with 3 CPU actor(s), 1 torch thread(s) each" in job.stderr, job.stderr[-3000:]
+    chunks = -(-len(data) // 3)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [chunk_file(i) for i in range(chunks)])
+    check_rows(read_explanations(str(out)), explainer, data, bad, str(saved_model.resolve()))
