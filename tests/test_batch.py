@@ -303,6 +303,7 @@ def test_explain_actors_share_the_cores_decoding_leaves() -> None:
     assert _actor_threads({"CPU": 2.0, "GPU": 1.0}, 1, True) == 1
 
 
+@pytest.mark.slow  # ~70 s on 2 cores: two Ray nodes and three actors start
 def test_two_nodes_explain_every_input_exactly_once(tmp_path, saved_model, explainer) -> None:
     """A head and a worker node of 2 CPUs each; three explain actors of one CPU cannot fit on one node."""
     from ray.cluster_utils import Cluster
