@@ -19,6 +19,7 @@ SUMMARY = Path("reports/train.json")
 TRAIN_KEYS = (
     "epochs", "max_steps", "batch_size", "augment", "num_workers", "cpus_per_worker", "use_gpu", "amp",
     "storage_path", "run_name", "checkpoint_every", "max_failures", "seed", "ray_address", "log_every",
+    "head_init", "cache_gb",
 )  # fmt: skip
 
 
@@ -36,19 +37,20 @@ def run(params) -> None:
         output_dir=OUT,
         lr=float(t["lr"]),  # YAML 1.1 reads "1e-4" as a string
         weight_decay=float(t["weight_decay"]),
-        loss={k: float(v) for k, v in t["loss"].to_dict().items()},
+        cam_scale=float(t["cam_scale"]),
+        loss={k: v if isinstance(v, str) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )
     result = train(cfg)
     LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
     with LOSS_CSV.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "area", "tv", "lr"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "area", "tv", "deletion", "lr"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.history)
     last = result.history[-1] if result.history else {}
     SUMMARY.write_text(json.dumps({
         "steps": result.steps, "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint,
-        "final": {k: last.get(k) for k in ("loss", "ce", "area", "tv")}, "resumed_from": list(result.resumed_from),
+        "final": {k: last.get(k) for k in ("loss", "ce", "area", "tv", "deletion")}, "resumed_from": list(result.resumed_from),
     }, indent=2))  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,17 @@ from torch import Tensor, nn
 
 from ptame.head import AttentionHead, minmax_normalize
 from ptame.losses import LossWeights, ptame_loss
-from ptame.models import Classifier, FeaturePyramid, Preprocessing, load_auxiliary, load_backbone
+from ptame.models import (
+    BACKBONE_AUX,
+    BackboneTaps,
+    Classifier,
+    FeaturePyramid,
+    Preprocessing,
+    backbone_taps,
+    classifier_weight,
+    load_auxiliary,
+    load_backbone,
+)
 
 __all__ = ["Explanation", "Explainer", "ExplainerConfig", "check_images"]
 
@@ -100,7 +111,8 @@ class Explainer(nn.Module):
 
     Args:
         backbone: the frozen classifier to explain.
-        auxiliary: the frozen feature pyramid the head reads.
+        auxiliary: the frozen feature pyramid the head reads: a second network, or the backbone's
+            own feature maps (:class:`~ptame.models.BackboneTaps`, one forward pass for both).
         head: the attention head (a fresh one sized from the auxiliary when ``None``).
         loss_weights: loss weights for :meth:`training_step`.
     """
@@ -108,7 +120,7 @@ class Explainer(nn.Module):
     def __init__(
         self,
         backbone: Classifier,
-        auxiliary: FeaturePyramid,
+        auxiliary: FeaturePyramid | BackboneTaps,
         head: AttentionHead | None = None,
         loss_weights: LossWeights | None = None,
     ) -> None:
@@ -135,9 +147,15 @@ class Explainer(nn.Module):
         class_names: Sequence[str] | None = None,
         preprocessing: Preprocessing | None = None,
     ) -> Explainer:
-        """Build an untrained explainer from model URIs (see :mod:`ptame.models`)."""
+        """Build an untrained explainer from model URIs (see :mod:`ptame.models`).
+
+        ``auxiliary="backbone"`` taps the backbone's own feature maps instead of a second network.
+        """
         bb = load_backbone(backbone, pretrained=pretrained, class_names=class_names, preprocessing=preprocessing)
-        aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
+        if auxiliary == BACKBONE_AUX:
+            aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)
+        else:
+            aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
         explainer = cls(bb, aux, loss_weights=loss_weights)
         explainer.stages = list(stages) if stages is not None else None
         explainer.pretrained = pretrained
@@ -158,14 +176,69 @@ class Explainer(nn.Module):
         self.head.train(mode)
         return self
 
+    def logits_and_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The backbone's logits ``(B, K)`` and the head's input features, without gradients.
+
+        One pass when the auxiliary taps the backbone itself, two passes otherwise.
+        """
+        with torch.no_grad():
+            if self.auxiliary.shares_backbone:
+                return self.auxiliary.logits_and_features(images)
+            return self.backbone(images), self.auxiliary(images)
+
     def head_logits(self, images: Tensor, classes: Tensor | None = None) -> Tensor:
         """Raw head output for ``classes`` (see :meth:`AttentionHead.forward`), ``(B, n, h, w)``."""
         with torch.no_grad():
             features = self.auxiliary(images)
         return self.head(features, classes)
 
+    def init_head_from_classifier(self, scale: float = 0.2) -> None:
+        """Start the head as the backbone's class activation maps (CAM; Zhou et al., CVPR 2016).
+
+        Needs ``auxiliary="backbone"`` whose last tap is the feature map the backbone pools into
+        its final linear layer: the fuser rows of that tap become ``scale`` x the classifier's
+        weights (zero elsewhere) and the tap's block starts as the identity (BN scale 0), so an
+        untrained head already gives ``sigmoid(scale * CAM)``; training then refines it.
+
+        Raises:
+            ValueError: the auxiliary is not the backbone, or no final linear layer matches.
+        """
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if not self.auxiliary.shares_backbone:
+            raise ValueError(
+                f"head init 'cam' needs auxiliary 'backbone' (the backbone's own features), not {self.auxiliary.uri!r}; "
+                "use head_init 'random' with a separate auxiliary network"
+            )
+        weight = classifier_weight(self.backbone, self.head.channels[-1])
+        if weight is None:
+            raise ValueError(
+                f"head init 'cam': the backbone has no final linear layer from {self.head.channels[-1]} pooled "
+                f"channels (its last tapped map, {self.auxiliary.names[-1]!r}) to {self.backbone.num_classes} "
+                "classes; use head_init 'random'"
+            )
+        offset = sum(self.head.channels[:-1])
+        with torch.no_grad():
+            self.head.fuser.weight.zero_()
+            self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
+            self.head.stages[-1].bn.weight.zero_()
+
+    def _fill(self, images: Tensor) -> Tensor:
+        """What removed pixels become in training: black, or a heavy blur of the image."""
+        if self.loss_weights.fill == "blur":
+            from torchvision.transforms.v2.functional import gaussian_blur
+
+            sigma = max(images.shape[-2:]) / 32
+            k = 2 * math.ceil(3 * sigma) + 1
+            return gaussian_blur(images, [k, k], [sigma, sigma])
+        return torch.zeros_like(images)
+
     def training_step(self, images: Tensor, gather_classes: bool = True) -> dict[str, Tensor]:
         """The P-TAME loss on a batch (no optimiser step); ``loss`` carries gradients to the head.
+
+        The map of each image's predicted class masks the image (kept pixels stay, the rest become
+        the fill); with a ``deletion`` weight the complement (the map's region removed) is also
+        classified (Dabkowski & Gal, 2017).
 
         Args:
             images: ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -173,24 +246,28 @@ class Explainer(nn.Module):
                 much cheaper than all ``K`` maps).
 
         Returns:
-            ``{"loss", "ce", "area", "tv"}`` scalars.
+            ``{"loss", "ce", "area", "tv", "deletion"}`` scalars.
         """
         check_images(images)
-        with torch.no_grad():
-            targets = self.backbone(images).argmax(1)
+        logits, features = self.logits_and_features(images)
+        targets = logits.argmax(1)
         rows = torch.arange(images.shape[0], device=images.device)
         if gather_classes:
             present, index = torch.unique(targets, return_inverse=True)
-            maps = torch.sigmoid(self.head_logits(images, present))  # (B, n, h, w)
+            maps = torch.sigmoid(self.head(features, present))  # (B, n, h, w)
             batch_maps = maps[:, index]
             masks = maps[rows, index]
         else:
-            maps = torch.sigmoid(self.head_logits(images))  # (B, K, h, w)
+            maps = torch.sigmoid(self.head(features))  # (B, K, h, w)
             batch_maps = maps[:, targets]
             masks = maps[rows, targets]
         masks = F.interpolate(masks[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
-        masked_logits = self.backbone(images * masks)
-        return ptame_loss(masked_logits, targets, batch_maps, self.loss_weights)
+        fill = self._fill(images)
+        masked_logits = self.backbone(images * masks + fill * (1 - masks))
+        deleted_logits = None
+        if self.loss_weights.deletion > 0:
+            deleted_logits = self.backbone(images * (1 - masks) + fill * masks)
+        return ptame_loss(masked_logits, targets, batch_maps, self.loss_weights, deleted_logits)
 
     def _resolve_classes(self, probs: Tensor, classes: Tensor | Sequence[int] | int | None, topk: int) -> Tensor:
         if classes is None:
@@ -224,9 +301,10 @@ class Explainer(nn.Module):
         """
         check_images(images)
         with _eval_mode(self.head), torch.inference_mode():
-            probs = self.backbone(images).softmax(1)
+            logits, features = self.logits_and_features(images)
+            probs = logits.softmax(1)
             chosen = self._resolve_classes(probs, classes, topk)
-            maps = self.head(self.auxiliary(images), chosen)
+            maps = self.head(features, chosen)
             # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
             # the raw logits lifts the background (see the learning test's notes)
             return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen))

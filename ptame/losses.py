@@ -1,4 +1,9 @@
-"""P-TAME's training loss: cross-entropy on the masked image plus area and total-variation terms."""
+"""P-TAME's training loss: cross-entropy on the masked image plus area and total-variation terms.
+
+Beyond the paper, an optional *deletion* term (Dabkowski & Gal, NeurIPS 2017) asks the image with
+the mask's region removed to lose the class, so the mask must also be necessary, not only
+sufficient; its weight is 0 in the paper's setting.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,20 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossWeights", "area_loss", "tv_loss", "ptame_loss"]
+__all__ = ["FILLS", "LossWeights", "area_loss", "deletion_loss", "tv_loss", "ptame_loss"]
+
+FILLS = ("black", "blur")
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights and exponents of the loss; defaults are the paper's ResNet-50 setting."""
+    """Weights and exponents of the loss; defaults are the paper's ResNet-50 setting.
+
+    Attributes:
+        deletion: weight of ``mean(p(t | image with the map's region removed) ** deletion_power)``.
+        fill: what removed pixels become while training: ``"black"`` (the paper) or ``"blur"``
+            (a heavily blurred copy of the image, closer to what ROAD's imputation makes).
+    """
 
     ce: float = 0.1614
     area: float = 0.8386
@@ -20,12 +33,17 @@ class LossWeights:
     area_power: float = 0.3
     tv_power: float = 2.0
     tv_border: float = 0.3
+    deletion: float = 0.0
+    deletion_power: float = 0.3
+    fill: str = "black"
 
     def __post_init__(self) -> None:
-        for name in ("ce", "area", "tv", "tv_border"):
+        if self.fill not in FILLS:
+            raise ValueError(f"loss fill must be one of {FILLS}, got {self.fill!r}")
+        for name in ("ce", "area", "tv", "tv_border", "deletion"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss weight {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("area_power", "tv_power"):
+        for name in ("area_power", "tv_power", "deletion_power"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name!r} must be > 0, got {getattr(self, name)}")
 
@@ -51,8 +69,18 @@ def tv_loss(maps: Tensor, power: float = 2.0, border: float = 0.3) -> Tensor:
     return (dy + dx + border * edges) / (power * maps.shape[0])
 
 
+def deletion_loss(deleted_logits: Tensor, targets: Tensor, power: float = 0.3) -> Tensor:
+    """``mean(p(t | x with the mask's region removed) ** power)``: low when removal loses the class."""
+    probs = deleted_logits.float().softmax(1).gather(1, targets[:, None]).squeeze(1)
+    return (probs + 1e-6).pow(power).mean()
+
+
 def ptame_loss(
-    masked_logits: Tensor, targets: Tensor, maps: Tensor, weights: LossWeights
+    masked_logits: Tensor,
+    targets: Tensor,
+    maps: Tensor,
+    weights: LossWeights,
+    deleted_logits: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The weighted loss and its terms.
 
@@ -61,9 +89,17 @@ def ptame_loss(
         targets: ``(B,)`` the backbone's own predictions on the unmasked images.
         maps: ``(B, B, h, w)`` sigmoid maps of every image for every class predicted in the batch.
         weights: loss weights and exponents.
+        deleted_logits: ``(B, K)`` logits on the images with the masked region removed; needed
+            when ``weights.deletion > 0``.
     """
     ce = F.cross_entropy(masked_logits, targets)
     area = area_loss(maps, weights.area_power)
     tv = tv_loss(maps, weights.tv_power, weights.tv_border) if weights.tv > 0 else maps.new_zeros(())
     loss = weights.ce * ce + weights.area * area + weights.tv * tv
-    return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "tv": tv.detach()}
+    deletion = maps.new_zeros(())
+    if weights.deletion > 0:
+        if deleted_logits is None:
+            raise ValueError("deleted_logits are needed when the deletion weight is > 0")
+        deletion = deletion_loss(deleted_logits, targets, weights.deletion_power)
+        loss = loss + weights.deletion * deletion
+    return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "tv": tv.detach(), "deletion": deletion.detach()}

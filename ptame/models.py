@@ -20,15 +20,22 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "BACKBONE_AUX",
     "BUILTIN_MODELS",
+    "BackboneTaps",
     "Classifier",
     "FeaturePyramid",
     "Preprocessing",
     "imagenet_class_names",
     "load_backbone",
     "load_auxiliary",
+    "backbone_taps",
+    "classifier_weight",
     "probe_input",
 ]
+
+#: the ``auxiliary`` URI that taps the backbone's own feature maps instead of a second network
+BACKBONE_AUX = "backbone"
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +136,9 @@ class Classifier(nn.Module):
 
 class FeaturePyramid(nn.Module):
     """A frozen auxiliary network returning the tapped feature maps of ``[0, 1]`` images."""
+
+    #: whether the features come from the backbone's own forward pass (see :class:`BackboneTaps`)
+    shares_backbone = False
 
     def __init__(
         self,
@@ -436,3 +446,80 @@ def _stride_blocks(model: nn.Module, size: int) -> list[tuple[str, int, int]]:
         for h in handles:
             h.remove()
     return [last[r] for r in sorted(last)]
+
+
+class BackboneTaps(nn.Module):
+    """The backbone's own feature maps as the auxiliary pyramid (``auxiliary: backbone``).
+
+    As in TAME, the head reads the features of the network it explains, so one backbone pass gives
+    both the prediction and the head's input (:meth:`logits_and_features`): an explanation costs
+    one forward pass instead of two. Needs a CNN backbone (spatial feature maps).
+    """
+
+    shares_backbone = True
+
+    def __init__(self, backbone: Classifier, stages: Sequence[int] | None = None) -> None:
+        super().__init__()
+        blocks = _stride_blocks(backbone.model, backbone.preprocessing.input_size)
+        if not blocks:
+            raise ValueError(
+                f"auxiliary 'backbone': {backbone.uri or type(backbone.model).__name__} has no spatial feature "
+                "maps to tap (a vision transformer?); use a CNN auxiliary such as builtin:efficientnet_lite0"
+            )
+        taps = list(stages) if stages is not None else _default_taps([r for _, r, _ in blocks])
+        bad = [t for t in taps if not 0 <= t < len(blocks)]
+        if bad:
+            raise ValueError(f"stages {bad} out of range: the backbone has {len(blocks)} tappable stages {blocks}")
+        chosen = [blocks[i] for i in taps]
+        self.backbone = backbone
+        self.names = [n for n, _, _ in chosen]
+        self.channels = [c for _, _, c in chosen]
+        self.reductions = [r for _, r, _ in chosen]
+        self.preprocessing = backbone.preprocessing
+        self.uri = BACKBONE_AUX
+        self._capture = False
+        self._outputs: dict[str, Tensor] = {}
+        modules = dict(backbone.model.named_modules())
+        for name in self.names:
+            modules[name].register_forward_hook(self._keep(name))
+        self.train(False)
+
+    def _keep(self, name: str):  # noqa: ANN202 - hook factory
+        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
+            if self._capture:
+                self._outputs[name] = out
+
+        return hook
+
+    def train(self, mode: bool = True) -> BackboneTaps:
+        return super().train(False)
+
+    def logits_and_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """One backbone pass: its logits ``(B, K)`` and the tapped maps; hooks stay off otherwise."""
+        self._capture = True
+        try:
+            logits = self.backbone(images)
+            return logits, [self._outputs[n] for n in self.names]
+        finally:
+            self._capture = False
+            self._outputs = {}
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.logits_and_features(images)[1]
+
+
+def backbone_taps(backbone: Classifier, stages: Sequence[int] | None = None) -> BackboneTaps:
+    """The backbone's stride 4..32 blocks (the last at each stride) as the auxiliary pyramid."""
+    return BackboneTaps(backbone, stages)
+
+
+def classifier_weight(backbone: Classifier, channels: int) -> Tensor | None:
+    """``(K, channels)`` weights of the backbone's final linear layer, if it maps pooled features of
+    ``channels`` channels to its ``K`` classes (the layer class activation maps are made of)."""
+    linears = [m for m in backbone.model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    last = linears[-1]
+    if last.out_features != backbone.num_classes or last.in_features != channels:
+        return None
+    return last.weight.detach()

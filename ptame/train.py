@@ -45,12 +45,13 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 HEAD_FILE = "head.safetensors"
 OPTIM_FILE = "optimizer.pt"
-LOSS_TERMS = ("loss", "ce", "area", "tv")
+LOSS_TERMS = ("loss", "ce", "area", "tv", "deletion")
+HEAD_INITS = ("random", "cam")
 _PREP_FIELDS = {f.name for f in fields(Preprocessing)}
 #: settings that do not change what is learned: left out of the run fingerprint
 _NOT_FINGERPRINTED = {
     "output_dir", "use_gpu", "storage_path", "run_name", "checkpoint_every", "max_failures",
-    "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy",
+    "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy", "cache_gb",
 }
 
 
@@ -93,6 +94,13 @@ class TrainConfig:
             ``"SPREAD"`` or ``"STRICT_SPREAD"`` (one worker per node).
         resume: continue the run directory of identical settings if one exists; ``False`` always
             starts a fresh run directory.
+        head_init: ``"random"`` (the paper) or ``"cam"``: the head starts as the backbone's class
+            activation maps (needs ``auxiliary="backbone"``; see
+            :meth:`~ptame.explainer.Explainer.init_head_from_classifier`).
+        cam_scale: scale of the classifier weights in the ``"cam"`` initialisation.
+        cache_gb: decoded training images are kept in each worker's memory (decoded once, then
+            cropped per step) when its shard fits in this many GiB; otherwise Ray Data streams
+            and decodes them again every epoch.
         fail_at_step: for tests only: the last worker dies (``os._exit``) once, at this step of
             the first attempt, to exercise restart and resume.
     """
@@ -125,6 +133,9 @@ class TrainConfig:
     cpus_per_worker: float | None = None
     placement_strategy: str = "PACK"
     resume: bool = True
+    head_init: str = "random"
+    cam_scale: float = 0.2
+    cache_gb: float = 2.0
     fail_at_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -152,6 +163,12 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"TrainConfig.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if not self.cam_scale > 0:
+            raise ValueError(f"TrainConfig.cam_scale must be > 0, got {self.cam_scale}")
+        if self.cache_gb < 0:
+            raise ValueError(f"TrainConfig.cache_gb must be >= 0, got {self.cache_gb}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
@@ -321,19 +338,50 @@ def train(config: TrainConfig) -> TrainResult:
 
     import ray
 
+    cache = _fits_cache(cfg, rows)
     started = not ray.is_initialized()
     if started:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else _local_cpus(cfg))
+        ray.init(address=address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
-        return _fit(cfg, name, columns, per_epoch, total, start)
+        if cfg.cpus_per_worker is None:
+            cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
+        return _fit(cfg, name, columns, per_epoch, total, start, cache)
     finally:
         if started:
             ray.shutdown()
 
 
-def _local_cpus(cfg: TrainConfig) -> int | None:
-    """CPUs for a local Ray: the workers' share plus one for Ray Data, even on a small machine."""
+def _fits_cache(cfg: TrainConfig, rows: int) -> bool:
+    """Whether one worker's decoded shard (uint8, ``resize`` x ``resize``) fits in ``cache_gb``."""
+    prep = Preprocessing.from_dict(cfg.preprocessing)
+    side = prep.resize if cfg.augment else prep.input_size
+    gib = rows / cfg.num_workers * 3 * side * side / 2**30
+    cache = gib <= cfg.cache_gb
+    logger.info("training images: %.2f GiB decoded per worker: %s", gib,
+                "decoded once and kept in memory" if cache else f"streamed every epoch (over cache_gb={cfg.cache_gb})")
+    return cache
+
+
+def _cpus_per_worker(cfg: TrainConfig, cache: bool) -> float:
+    """Default CPUs per worker: with cached images, the cluster's CPUs shared by the workers (at most
+    one node's); when streaming, 1, leaving the rest to Ray Data's decoding."""
+    import ray
+
+    if not cache or cfg.use_gpu:
+        return 1
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = sum(nodes)
+    return float(max(1, min(max(nodes, default=1), total // cfg.num_workers)))
+
+
+def _local_cpus(cfg: TrainConfig, cache: bool = False) -> int | None:
+    """CPUs for a local Ray: the workers' share plus one for Ray Data, even on a small machine.
+
+    With cached images Ray Data decodes before training starts, so the workers may take them all.
+    """
+    if cache and cfg.cpus_per_worker is None:
+        return None
     needed = int(np.ceil(cfg.num_workers * (cfg.cpus_per_worker or 1))) + 1
     have = os.cpu_count() or 1
     if have >= needed:
@@ -343,8 +391,14 @@ def _local_cpus(cfg: TrainConfig) -> int | None:
     return needed
 
 
-def _fit(cfg: TrainConfig, name: str, columns: list[str], per_epoch: int, total: int, start: float) -> TrainResult:
-    """Build the Ray Data pipeline and the trainer, run it, save the explainer."""
+def _fit(
+    cfg: TrainConfig, name: str, columns: list[str], per_epoch: int, total: int, start: float, cache: bool
+) -> TrainResult:
+    """Build the Ray Data pipeline and the trainer, run it, save the explainer.
+
+    With ``cache``, the decoded images are materialised before the workers start, so decoding
+    never competes with training for the CPUs.
+    """
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -355,7 +409,9 @@ def _fit(cfg: TrainConfig, name: str, columns: list[str], per_epoch: int, total:
         batch_size=64,
         batch_format="numpy",
     )
-    loop_config = {**asdict(cfg), "_steps_per_epoch": per_epoch, "_total_steps": total,
+    if cache:
+        images = images.materialize()
+    loop_config = {**asdict(cfg), "_steps_per_epoch": per_epoch, "_total_steps": total, "_cache": cache,
                    "_marker": f"{cfg.storage_path}/{name}/.fault-injected"}
     resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
     trainer = TorchTrainer(
@@ -418,10 +474,13 @@ def _save_result(cfg: TrainConfig, result, final_state: dict | None, start: floa
 def _build_explainer(cfg: TrainConfig):  # -> Explainer
     from ptame.explainer import Explainer
 
-    return Explainer.from_uris(
+    explainer = Explainer.from_uris(
         cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
         loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
     )
+    if cfg.head_init == "cam":
+        explainer.init_head_from_classifier(cfg.cam_scale)
+    return explainer
 
 
 def _load_checkpoint(cfg: TrainConfig, checkpoint):  # -> tuple[Explainer, dict]
@@ -437,41 +496,97 @@ def _load_checkpoint(cfg: TrainConfig, checkpoint):  # -> tuple[Explainer, dict]
 # --------------------------------------------------------------------------- data (Ray Data tasks)
 
 
-def _random_crop_flip(image, prep: Preprocessing) -> torch.Tensor:
-    """method.md's train augmentation: resize the shorter side, random crop, random h-flip."""
-    from torchvision.transforms import v2 as T
-    from torchvision.transforms.v2 import functional as TF
-
-    from ptame.data import to_tensor
-
-    x = to_tensor(image)
-    h, w = x.shape[-2:]
-    scale = prep.resize / min(h, w)
-    size = [max(prep.input_size, round(h * scale)), max(prep.input_size, round(w * scale))]
-    x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    crop = T.Compose([T.RandomCrop(prep.input_size), T.RandomHorizontalFlip()])
-    return crop(x).clamp_(0.0, 1.0)
-
-
 def _decode_batch(batch: dict[str, np.ndarray], image_column: str, prep: dict, augment: bool) -> dict[str, np.ndarray]:
-    """Encoded images -> ``(n, 3, S, S)`` uint8; undecodable rows are dropped and logged."""
+    """Encoded images -> ``(n, 3, S, S)`` uint8, decoded once; undecodable rows are dropped and logged.
+
+    ``S`` is ``resize`` when augmenting (shorter side resized, centre square; the worker cuts a
+    random ``input_size`` crop and flip per step), else ``input_size`` (resize + centre crop).
+    """
     from ptame.data import ImageDecodeError, decode_image, preprocess
 
     p = Preprocessing.from_dict(prep)
+    view = replace(p, input_size=p.resize) if augment else p
     ids = batch.get("image_id")
-    out, bad = [], []
+    out, kept, bad = [], [], []
     for i, data in enumerate(batch[image_column]):
+        name = str(ids[i]) if ids is not None else f"row {i}"
         try:
             image = decode_image(bytes(data) if data is not None else b"")
         except ImageDecodeError as e:
-            bad.append(f"{ids[i] if ids is not None else f'row {i}'} ({e})")
+            bad.append(f"{name} ({e})")
             continue
-        x = _random_crop_flip(image, p) if augment else preprocess(image, p)[0]
-        out.append(x.mul(255).round_().to(torch.uint8).numpy())
+        out.append(preprocess(image, view)[0].mul(255).round_().to(torch.uint8).numpy())
+        kept.append(name)
     if bad:
         logger.warning("dropped %d undecodable image(s) of %d: %s", len(bad), len(batch[image_column]), "; ".join(bad))
-    s = p.input_size
-    return {"image": np.stack(out) if out else np.zeros((0, 3, s, s), np.uint8)}
+    s = view.input_size
+    return {"image": np.stack(out) if out else np.zeros((0, 3, s, s), np.uint8), "image_id": np.array(kept, dtype=object)}
+
+
+def _crop_flip(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """method.md's augmentation on decoded ``(B, 3, R, R)`` uint8: random ``size`` crop and h-flip
+    per image, seeded; returns float in ``[0, 1]``."""
+    b, _, h, w = images.shape
+    top = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
+    left = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
+    flip = (torch.rand(b, generator=generator) < 0.5).tolist()
+    crops = []
+    for x, t, l, f in zip(images, top, left, flip):
+        c = x[:, t : t + size, l : l + size]
+        crops.append(c.flip(-1) if f else c)
+    return torch.stack(crops).to(torch.float32).div_(255.0)
+
+
+class _ShardImages:
+    """One worker's training images, batch by batch, in an order fixed by the seed.
+
+    Cached: the shard is read once into memory (sorted by ``image_id``), and each epoch is a seeded
+    permutation of it, so a run is repeatable and a resumed epoch continues with the very batches
+    it still owed. Streamed: Ray Data decodes the shard again every epoch (local shuffle, seeded).
+    """
+
+    def __init__(self, shard, cfg: TrainConfig, rank: int, cache: bool) -> None:
+        self.shard, self.cfg, self.rank, self.cache = shard, cfg, rank, cache
+        prep = Preprocessing.from_dict(cfg.preprocessing)
+        self.size = prep.input_size
+        self._images: torch.Tensor | None = None
+
+    def _seed(self, *parts: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.seed, self.rank, *parts)) % 2**63)
+
+    def _load(self) -> torch.Tensor:
+        if self._images is None:
+            chunks, ids = [], []
+            for b in self.shard.iter_batches(batch_size=256, batch_format="numpy"):
+                chunks.append(torch.from_numpy(b["image"]))
+                ids.extend(str(i) for i in b["image_id"])
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+            self._images = torch.cat(chunks)[order] if chunks else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+            logger.info("worker %d: %d training images decoded once and kept in memory (%.0f MiB)",
+                        self.rank, len(ids), self._images.numel() / 2**20)
+        return self._images
+
+    def epoch(self, epoch: int, skip: int, steps: int):  # -> Iterator[torch.Tensor]
+        """Batches ``skip..steps-1`` of ``epoch`` as float ``(B, 3, S, S)`` in ``[0, 1]`` on the CPU."""
+        bs = self.cfg.batch_size
+        if self.cache:
+            images = self._load()
+            order = torch.randperm(images.shape[0], generator=self._seed(epoch))
+            for i in range(skip, min(steps, images.shape[0] // bs)):
+                yield self._augment(images[order[i * bs : (i + 1) * bs]], epoch, i)
+            return
+        batches = self.shard.iter_torch_batches(
+            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs, local_shuffle_seed=self.cfg.seed + epoch
+        )
+        for i, batch in enumerate(batches, start=skip):
+            if i >= steps:
+                return
+            yield self._augment(batch["image"], epoch, i)
+
+    def _augment(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        if not self.cfg.augment:
+            return images.to(torch.float32).div_(255.0)
+        return _crop_flip(images, self.size, self._seed(epoch, step))
 
 
 # --------------------------------------------------------------------------- training (each worker)
@@ -604,6 +719,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     per_epoch, total, marker = raw.pop("_steps_per_epoch"), raw.pop("_total_steps"), raw.pop("_marker")
+    cache = raw.pop("_cache")
     cfg = TrainConfig(**raw)
     _worker_logging()
     ctx = ray.train.get_context()
@@ -641,20 +757,17 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
             metrics = {"step": state["step"], "epoch": state["epoch"], **terms}
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = _ShardImages(ray.train.get_dataset_shard("train"), cfg, rank, cache)
     progress_every = cfg.log_every * max(1, total // 20 // cfg.log_every)  # progress lines on logged steps
     terms: dict[str, float] = {}
     losses = _LossLog()
     started, first_step = time.perf_counter(), state["step"]
     first_done = started
     while state["epoch"] < cfg.epochs and state["step"] < total:
-        # A resumed epoch takes a fresh pass over its shard for the steps it still owes: Ray Data
-        # streams in no fixed order, so resuming means no step is done twice, not the same images.
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, device=device, local_shuffle_buffer_size=4 * cfg.batch_size
-        ) if state["epoch_step"] < per_epoch else ()
-        for batch in batches:
-            images = batch["image"].to(torch.float32).div_(255.0)
+        # A resumed epoch continues with the batches it still owes (cached: the same ones; streamed:
+        # a fresh pass, as Ray Data streams in no fixed order): no step is ever done twice.
+        for images in shard.epoch(state["epoch"], state["epoch_step"], per_epoch):
+            images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                 out = explainer.training_step(images)
             optimizer.zero_grad(set_to_none=True)
@@ -677,7 +790,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
                 first_done = time.perf_counter()
             if rank == 0 and progress:
                 rate = (step - first_step - 1) * cfg.batch_size * world / max(time.perf_counter() - first_done, 1e-9)
-                logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f)  lr %.3g  %.1f img/s",
+                logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f deletion %.4f)  lr %.3g  %.1f img/s",
                             step, total, *(terms.get(k, float("nan")) for k in LOSS_TERMS), lr, rate)
             if save:
                 report(terms)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY_PREP, assert_maps, count_syncs
+from conftest import TINY_BACKBONE, TINY_PREP, assert_maps, count_syncs
 from ptame.explainer import Explainer, check_images
 from ptame.losses import LossWeights
 from ptame.models import Classifier, Preprocessing
@@ -137,3 +137,45 @@ def test_training_step_and_explain_run_on_the_gpu(tiny_explainer: Explainer) -> 
     result = explainer.explain(images, classes=[1, 2, 0, 3])
     assert result.saliency.is_cuda
     assert_maps(result.saliency.cpu(), (4, 1, 16, 16))
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_backbone_as_auxiliary_explains_in_one_forward_pass() -> None:
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP)
+    assert explainer.auxiliary.names == ["features"] and explainer.head.channels == [32]
+    calls = _count_calls(explainer.backbone.model)
+    images = torch.rand(3, 3, 64, 64)
+    out = explainer.explain(images, topk=2)
+    assert calls[0] == 1  # prediction and the head's features from the same pass
+    assert_maps(out.saliency, (3, 2, 16, 16))
+    with torch.no_grad():
+        probs = explainer.backbone(images).softmax(1)
+    assert torch.equal(out.classes, probs.topk(2, 1).indices)
+    calls[0] = 0
+    explainer.loss_weights = LossWeights(deletion=0.5)
+    explainer.training_step(images)
+    assert calls[0] == 3  # unmasked (prediction + features), kept region, removed region
+
+
+def test_cam_initialised_head_gives_the_class_activation_maps() -> None:
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP)
+    explainer.init_head_from_classifier(scale=0.5)
+    images = torch.rand(2, 3, 64, 64)
+    classes = torch.tensor([[1, 3], [0, 2]])
+    model = explainer.backbone.model
+    with torch.no_grad():
+        features = model.features(explainer.backbone.normalize(images))  # (2, 32, 16, 16)
+        cam = torch.einsum("bchw,bkc->bkhw", features, model.fc.weight[classes])
+        explainer.head.eval()
+        got = explainer.head_logits(images, classes)
+    torch.testing.assert_close(got, 0.5 * cam, rtol=1e-4, atol=1e-5)
+
+
+def test_cam_init_needs_the_backbone_as_auxiliary(tiny_explainer: Explainer) -> None:
+    with pytest.raises(ValueError, match="auxiliary 'backbone'"):
+        tiny_explainer.init_head_from_classifier()

@@ -45,3 +45,24 @@ def test_negative_weights_are_refused() -> None:
         LossWeights(area=-1)
     with pytest.raises(ValueError, match="area_power"):
         LossWeights(area_power=0)
+
+
+def test_deletion_term_matches_hand_computation() -> None:
+    masked = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    deleted = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p(t): 1/2 and 1/4
+    targets = torch.tensor([0, 1])
+    maps = torch.rand(2, 2, 4, 4)
+    w = LossWeights(ce=0.2, area=0.7, deletion=0.5, deletion_power=0.5)
+    out = ptame_loss(masked, targets, maps, w, deleted_logits=deleted)
+    deletion = (math.sqrt(0.5 + 1e-6) + math.sqrt(0.25 + 1e-6)) / 2
+    assert out["deletion"].item() == pytest.approx(deletion, rel=1e-5)
+    without = ptame_loss(masked, targets, maps, LossWeights(ce=0.2, area=0.7))
+    assert out["loss"].item() == pytest.approx(without["loss"].item() + 0.5 * deletion, rel=1e-5)
+    assert without["deletion"].item() == 0.0
+    with pytest.raises(ValueError, match="deleted_logits"):
+        ptame_loss(masked, targets, maps, w)
+
+
+def test_unknown_fill_is_refused() -> None:
+    with pytest.raises(ValueError, match="fill"):
+        LossWeights(fill="grey")

@@ -179,7 +179,7 @@ def test_loss_log_reduces_every_queued_step_in_one_collective(process_group, mon
     assert [r["step"] for r in rows] == [1, 2, 3, 5]  # step 4 was checkpoint-only
     assert list(rows[0]) == ["step", *LOSS_TERMS, "lr", "elapsed"]
     assert rows[1]["ce"] == pytest.approx(2.1) and rows[-1]["tv"] == pytest.approx(5.3)
-    assert latest == pytest.approx({"loss": 5.0, "ce": 5.1, "area": 5.2, "tv": 5.3, "lr": 0.5})
+    assert latest == pytest.approx({"loss": 5.0, "ce": 5.1, "area": 5.2, "tv": 5.3, "deletion": 5.4, "lr": 0.5})
     assert log.flush() == ([], {})
 
 
@@ -246,6 +246,21 @@ def test_single_worker_trains_survives_a_worker_death_and_saves(tmp_path, two_no
     assert [h["step"] for h in again.history] == list(range(1, 25))
     assert sorted(Path(result.run_path).glob("checkpoint_0*")) == checkpoints
     assert (tmp_path / "again" / "head.safetensors").read_bytes() == (tmp_path / "explainer" / "head.safetensors").read_bytes()
+
+    # cached images, seeded order and crops: a run never killed ends with the very same head
+    clean = train(replace(cfg, fail_at_step=None, resume=False, output_dir=str(tmp_path / "clean")))
+    assert clean.run_path != result.run_path and clean.resumed_from == ()
+    for name, tensor in Explainer.load(clean.explainer_dir).head.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+
+
+def test_streamed_images_train_too(tmp_path, two_node_cluster) -> None:
+    """Over ``cache_gb`` the shard is decoded again every epoch by Ray Data: it still trains."""
+    data = write_scenes(tmp_path / "data", 8 * 8)
+    cfg = tiny_config(tmp_path, data, epochs=2, cache_gb=0.0, checkpoint_every=100)
+    result = train(cfg)
+    assert [h["step"] for h in result.history] == list(range(1, 17))
+    assert mean_loss(result.history, range(13, 17)) < mean_loss(result.history, range(1, 5))
 
 
 def test_two_workers_on_two_nodes(tmp_path, two_node_cluster) -> None:
