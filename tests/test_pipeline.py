@@ -85,7 +85,7 @@ def test_dvc_repro_end_to_end(repro) -> None:
     assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,lr"
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics) == {"ptame", "gradcam", "gradcampp", "rise", "ptame@rise", "gradcam@rise", "gradcampp@rise"}
+    assert set(metrics) == {"ptame", "gradcam", "rise", "ptame@rise", "gradcam@rise"}
     for method, values in metrics.items():
         assert set(MEASURE_KEYS) <= set(values) and values["GridPG_lo"] <= values["GridPG"] <= values["GridPG_hi"], method
         assert 0.0 <= values["GridPG"] <= 1.0 and 0.0 <= values["ROAD-MoRF"] <= 1.0
