@@ -1,11 +1,15 @@
 """DVC stage ``evaluate``: P-TAME and the baselines scored by the same code on ``data/prepared/eval``.
 
-Writes ``reports/metrics.json`` (``{method: {measure: value}}``), the ROAD curves as DVC plots
+Writes ``reports/metrics.json`` (``{method: {measure: value}}`` with ``n`` and 95 % bootstrap bounds
+``<measure>_lo`` / ``<measure>_hi``, plus ``<method>@<limited method>`` entries on RISE's subset; see
+:mod:`ptame.evaluate`), ``reports/evaluation.json`` (the fingerprint of the images and settings that
+the champion rule compares, the image ids and the settings), the ROAD curves as DVC plots
 (``reports/plots/road_{morf,lerf}.csv``) and an overlay gallery under ``reports/gallery/``.
 """
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from _stage import main
@@ -15,6 +19,7 @@ logger = logging.getLogger("pipelines.evaluate")
 MODEL = "models/explainer"
 DATA = "data/prepared/eval"
 METRICS = Path("reports/metrics.json")
+EVALUATION = Path("reports/evaluation.json")
 PLOTS = Path("reports/plots")
 GALLERY = Path("reports/gallery")
 
@@ -25,23 +30,32 @@ def run(params) -> None:
     from ptame.evaluate import as_table, evaluate, load_eval_set, render_gallery, write_road_plots
     from ptame.explainer import Explainer
 
+    start = time.perf_counter()
     e = params["evaluate"]
     torch.manual_seed(e["seed"])
     explainer = Explainer.load(MODEL)
     evalset = load_eval_set(DATA, explainer.backbone, max_images=e["max_images"], batch_size=e["batch_size"])
     methods = e["methods"].to_dict()
-    road = e["road"]
+    road, boot = e["road"], e["bootstrap"]
     result = evaluate(
         explainer, evalset, {m: dict(o or {}) for m, o in methods.items()},
         percentages=road["percentages"], imputer=road["imputer"], noise_std=float(road["noise_std"]),
-        seed=road["seed"], batch_size=e["batch_size"],
+        seed=road["seed"], batch_size=e["batch_size"], resamples=int(boot["resamples"]), bootstrap_seed=int(boot["seed"]),
     )  # fmt: skip
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps(result.metrics, indent=2))
+    record = {
+        "fingerprint": result.fingerprint,
+        "n": len(evalset.image_ids),
+        "image_ids": evalset.image_ids,
+        "settings": result.settings,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    EVALUATION.write_text(json.dumps(record, indent=2))
     write_road_plots(result.curves, PLOTS)
     g = e["gallery"]
     render_gallery(evalset, result.maps, GALLERY, methods=g["methods"], count=g["images"], class_names=explainer.class_names)
-    logger.info("metrics (reports/metrics.json):\n%s", as_table(result.metrics))
+    logger.info("metrics (reports/metrics.json), fingerprint %s:\n%s", result.fingerprint[:12], as_table(result.metrics))
 
 
 if __name__ == "__main__":

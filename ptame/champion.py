@@ -1,9 +1,26 @@
-"""Register an evaluated explainer and move the ``champion`` alias only to a model at least as faithful.
+"""Register an evaluated explainer; move the ``champion`` alias only to a comparable, more faithful model.
 
-One measure decides (default ``ROAD-MoRF``: the accuracy left after removing the most relevant
-pixels first, lower is better; ROAD's authors show it ranks methods consistently). The new
-version becomes champion when there is none yet, when the champion has no value for the measure,
-or when the new value is at least as good (``<=`` for lower-is-better measures, ``>=`` otherwise).
+Comparable first: the new version is compared with the current champion only when both were scored
+on the same evaluation images and settings, i.e. their evaluation fingerprints
+(:func:`ptame.evaluate.fingerprint`, stored as the version tag ``eval_fingerprint``) are equal.
+Otherwise the alias stays where it is and the reason says why (move it by hand with
+``MlflowClient().set_registered_model_alias`` when a new evaluation set should take over).
+
+Then, with ``decide_by: headline`` (the default), all headline measures decide together
+(:data:`ptame.evaluate.HEADLINE`: AD@100, IC@100, ROAD-MoRF, ROAD-LeRF, GridPG; those the new
+metrics have). The new version is promoted when both hold:
+
+1. it is at least as good as the champion (``<=`` for lower-is-better, ``>=`` otherwise) on a
+   strict majority of them (3 of 5), and
+2. it is not worse *beyond its bootstrap interval* on any of them: the champion's value lies
+   outside the new version's 95 % interval (``<measure>_lo`` / ``_hi``) on the better side. A
+   measure without an interval counts as beyond it whenever it is worse.
+
+So one measure alone cannot decide (a barely trained head once won on ROAD-MoRF while clearly
+worse on GridPG). ``decide_by: <measure>`` (e.g. ``ROAD-MoRF``, or ``ROAD-gap`` = LeRF - MoRF)
+keeps the single-measure rule: promoted when at least as good on that measure. With no champion
+yet, the new version becomes champion. Each decision's reason is logged, set as the version tag
+``decision_reason`` and returned.
 """
 
 from __future__ import annotations
@@ -13,24 +30,61 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ptame.evaluate import MEASURES
+from ptame.evaluate import HEADLINE, MEASURES
 
-__all__ = ["at_least_as_good", "register_and_promote"]
+__all__ = [
+    "HEADLINE_RULE",
+    "Comparison",
+    "Decision",
+    "at_least_as_good",
+    "decide",
+    "higher_is_better",
+    "register_and_promote",
+]
 
 logger = logging.getLogger(__name__)
 
+#: ``decide_by`` value of the all-headline-measures rule
+HEADLINE_RULE = "headline"
+
 #: extra decision measures besides :data:`ptame.evaluate.MEASURES` (higher is better)
 _EXTRA = {"ROAD-gap": True}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One headline measure: new and champion values, the new value's interval and the verdict.
+
+    ``verdict`` is ``better``, ``equal``, ``worse`` (within the new version's interval) or
+    ``worse_beyond_interval``.
+    """
+
+    measure: str
+    new: float
+    champion: float
+    lo: float | None
+    hi: float | None
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to move the alias, and why (``comparisons`` empty unless the headline rule compared)."""
+
+    promote: bool
+    reason: str
+    comparisons: tuple[Comparison, ...] = ()
 
 
 def higher_is_better(measure: str) -> bool:
     """Direction of ``measure`` (``ROAD-gap`` = LeRF - MoRF is also accepted)."""
     table = {**MEASURES, **_EXTRA}
     if measure not in table:
-        raise ValueError(f"unknown decision measure {measure!r}; choose one of {sorted(table)}")
+        raise ValueError(f"unknown decision measure {measure!r}; choose {HEADLINE_RULE!r} or one of {sorted(table)}")
     return table[measure]
 
 
@@ -41,12 +95,83 @@ def at_least_as_good(new: float, current: float | None, measure: str) -> bool:
     return new >= current if higher_is_better(measure) else new <= current
 
 
-def _value(metrics: Mapping[str, float], measure: str) -> float:
+def _value(metrics: Mapping[str, float], measure: str) -> float | None:
+    """``metrics[measure]`` (``ROAD-gap`` derived), ``None`` when absent."""
     if measure == "ROAD-gap":
+        if "ROAD-LeRF" not in metrics or "ROAD-MoRF" not in metrics:
+            return None
         return float(metrics["ROAD-LeRF"]) - float(metrics["ROAD-MoRF"])
-    if measure not in metrics:
-        raise ValueError(f"the decision measure {measure!r} is not in the metrics (have {sorted(metrics)})")
-    return float(metrics[measure])
+    return float(metrics[measure]) if measure in metrics else None
+
+
+def _compare(measure: str, new: Mapping[str, float], champion: Mapping[str, float]) -> Comparison:
+    up = higher_is_better(measure)
+    a, b = float(new[measure]), float(champion[measure])
+    lo, hi = new.get(f"{measure}_lo"), new.get(f"{measure}_hi")
+    if a == b:
+        verdict = "equal"
+    elif (a > b) == up:
+        verdict = "better"
+    else:
+        bound = hi if up else lo
+        beyond = bound is None or (b > float(bound) if up else b < float(bound))
+        verdict = "worse_beyond_interval" if beyond else "worse"
+    return Comparison(measure, a, b, None if lo is None else float(lo), None if hi is None else float(hi), verdict)
+
+
+def decide(
+    new: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    new_fingerprint: str | None,
+    champion_fingerprint: str | None,
+    decide_by: str = HEADLINE_RULE,
+) -> Decision:
+    """The champion rule of the module docstring on plain metric dicts (``champion`` ``None``: none yet).
+
+    Args:
+        new: the new version's metrics, ``{measure: value}`` with ``<measure>_lo`` / ``_hi`` bounds.
+        champion: the champion's metrics in the same keys, or ``None`` when there is no champion.
+        new_fingerprint, champion_fingerprint: evaluation fingerprints (``None``: unknown).
+        decide_by: ``"headline"`` or one measure name.
+    """
+    if decide_by != HEADLINE_RULE:
+        higher_is_better(decide_by)
+        if _value(new, decide_by) is None:
+            raise ValueError(f"decide_by measure {decide_by!r} is not in the new metrics (have {sorted(new)})")
+    if champion is None:
+        return Decision(True, "no champion yet")
+    if new_fingerprint is None or new_fingerprint != champion_fingerprint:
+        return Decision(
+            False,
+            f"not comparable: evaluation fingerprint {str(new_fingerprint)[:12]} differs from the champion's "
+            f"{str(champion_fingerprint)[:12]} (other images or settings); the alias stays",
+        )
+    if decide_by != HEADLINE_RULE:
+        value, old = _value(new, decide_by), _value(champion, decide_by)
+        if old is None:
+            return Decision(True, f"the champion has no {decide_by}; the new version replaces it")
+        ok = at_least_as_good(value, old, decide_by)  # type: ignore[arg-type]
+        relation = "at least as good as" if ok else "worse than"
+        return Decision(ok, f"{decide_by} {value:.4g} is {relation} the champion's {old:.4g}")
+    measures = [m for m in HEADLINE if m in new]
+    if not measures:
+        raise ValueError(f"the new metrics have none of the headline measures {list(HEADLINE)} (have {sorted(new)})")
+    missing = [m for m in measures if m not in champion]
+    if missing:
+        return Decision(False, f"not comparable: the champion has no {missing}; the alias stays")
+    comparisons = tuple(_compare(m, new, champion) for m in measures)
+    good = [c.measure for c in comparisons if c.verdict in ("better", "equal")]
+    beyond = [c.measure for c in comparisons if c.verdict == "worse_beyond_interval"]
+    majority = len(good) * 2 > len(measures)
+    promote = majority and not beyond
+    detail = "; ".join(f"{c.measure} {c.new:.4g} vs {c.champion:.4g} {c.verdict}" for c in comparisons)
+    if promote:
+        head = f"at least as good on {len(good)} of {len(measures)} headline measures, none worse beyond its interval"
+    elif not majority:
+        head = f"at least as good on only {len(good)} of {len(measures)} headline measures (needs a majority)"
+    else:
+        head = f"worse beyond the bootstrap interval on {beyond}"
+    return Decision(promote, f"{head}: {detail}", comparisons)
 
 
 def _mlflow_key(key: str) -> str:
@@ -60,22 +185,28 @@ def register_and_promote(
     params: Mapping[str, Any] | None = None,
     artifacts: Sequence[str | Path] = (),
     alias: str = "champion",
-    measure: str = "ROAD-MoRF",
+    measure: str = HEADLINE_RULE,
     method: str = "ptame",
     tracking_uri: str | None = None,
     experiment: str = "ptame",
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Log the saved explainer with its metrics, register a version, promote it if it is as faithful.
+    """Log the saved explainer with its metrics, register a version, promote it by the champion rule.
 
     Args:
         explainer_dir: a directory written by :meth:`Explainer.save`.
         metrics: ``{method: {measure: value}}`` (``reports/metrics.json``); the ``method`` entry is
-            the explainer's own and is logged unprefixed, the baselines as ``<method>.<measure>``.
+            the explainer's own and is logged unprefixed, the others as ``<method>.<measure>``.
         artifacts: files or folders logged under ``reports/`` (gallery, plots, params).
+        measure: ``"headline"`` (all headline measures) or one measure (``register.decide_by``).
+        fingerprint: the evaluation fingerprint (``reports/evaluation.json``), set as the version
+            tag ``eval_fingerprint``; ``None`` makes the new version incomparable to a champion.
 
     Returns:
         What happened: ``name``, ``version``, ``model_uri`` (pinned), ``run_id``, ``alias``,
-        ``promoted``, ``decided_by``, ``value``, ``champion_before`` and ``tracking_uri``.
+        ``promoted``, ``decided_by``, ``decision_reason``, ``comparisons``, ``value`` (the
+        ``decide_by`` measure's, ``None`` for the headline rule), ``values`` (headline measures),
+        ``fingerprint``, ``champion_before`` and ``tracking_uri``.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -84,48 +215,56 @@ def register_and_promote(
 
     if method not in metrics:
         raise ValueError(f"metrics have no entry for {method!r} (have {sorted(metrics)})")
-    higher_is_better(measure)
+    if measure != HEADLINE_RULE:
+        higher_is_better(measure)
     own = {k: float(v) for k, v in metrics[method].items()}
-    value = _value(own, measure)
+    value = None if measure == HEADLINE_RULE else _value(own, measure)
+    if measure != HEADLINE_RULE and value is None:
+        raise ValueError(f"the decision measure {measure!r} is not in the metrics (have {sorted(own)})")
     uri = configure(tracking_uri, experiment)
     client = MlflowClient()
 
     before: dict[str, Any] | None = None
+    champion: dict[str, float] | None = None
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         current = None
     if current is not None:
         run_metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
-        key = "ROAD-gap" if measure == "ROAD-gap" else _mlflow_key(measure)
-        old = run_metrics.get(key)
-        before = {"version": str(current.version), "value": old}
-        if old is None:
-            logger.warning("champion version %s has no %r metric; the new version replaces it", current.version, key)
+        keys = [*HEADLINE, "ROAD-gap"] if measure == HEADLINE_RULE else [measure, "ROAD-LeRF", "ROAD-MoRF"]
+        champion = {k: float(run_metrics[_mlflow_key(k)]) for k in keys if _mlflow_key(k) in run_metrics}
+        before = {
+            "version": str(current.version),
+            "fingerprint": current.tags.get("eval_fingerprint"),
+            **({"values": {k: champion[k] for k in HEADLINE if k in champion}} if measure == HEADLINE_RULE else {"value": _value(champion, measure)}),
+        }
+    decision = decide(own, champion, fingerprint, before and before["fingerprint"], measure)
 
     logged = {_mlflow_key(k): v for k, v in own.items()}
     if measure == "ROAD-gap":
-        logged["ROAD-gap"] = value
+        logged["ROAD-gap"] = value  # type: ignore[assignment]
     for other, values in metrics.items():
         if other != method:
             logged.update({f"{other}.{_mlflow_key(k)}": float(v) for k, v in values.items()})
+    run_params = {**dict(params or {}), **({"eval_fingerprint": fingerprint} if fingerprint else {})}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "explainer"
         shutil.copytree(explainer_dir, bundle)
         (bundle / "metrics.json").write_text(json.dumps(own, indent=2))  # read back by load_explainer
-        run_id, version = log_explainer(bundle, name, metrics=logged, params=dict(params or {}), artifacts=list(artifacts))
+        run_id, version = log_explainer(bundle, name, metrics=logged, params=run_params, artifacts=list(artifacts))
 
-    promoted = at_least_as_good(value, None if before is None else before["value"], measure)
     client.set_model_version_tag(name, version, "decided_by", measure)
-    client.set_model_version_tag(name, version, measure, f"{value:.6g}")
-    if promoted:
+    client.set_model_version_tag(name, version, "decision_reason", decision.reason[:5000])
+    if fingerprint is not None:
+        client.set_model_version_tag(name, version, "eval_fingerprint", fingerprint)
+    if value is not None:
+        client.set_model_version_tag(name, version, measure, f"{value:.6g}")
+    if decision.promote:
         client.set_registered_model_alias(name, alias, version)
-        logger.info("%s version %s is the new %s (%s = %.4g, before: %s)", name, version, alias, measure, value, before)
+        logger.info("%s version %s is the new %s: %s", name, version, alias, decision.reason)
     else:
-        logger.info(
-            "%s version %s registered but %s stays at version %s (%s = %.4g vs %.4g)",
-            name, version, alias, before and before["version"], measure, value, before and before["value"],
-        )  # fmt: skip
+        logger.info("%s version %s registered; %s stays at version %s: %s", name, version, alias, before and before["version"], decision.reason)
     return {
         "name": name,
         "version": version,
@@ -133,10 +272,14 @@ def register_and_promote(
         "champion_uri": f"models:/{name}@{alias}",
         "run_id": run_id,
         "alias": alias,
-        "promoted": promoted,
+        "promoted": decision.promote,
         "decided_by": measure,
-        "higher_is_better": higher_is_better(measure),
+        "decision_reason": decision.reason,
+        "comparisons": [asdict(c) for c in decision.comparisons],
+        "higher_is_better": None if measure == HEADLINE_RULE else higher_is_better(measure),
         "value": value,
+        "values": {k: own[k] for k in HEADLINE if k in own},
+        "fingerprint": fingerprint,
         "champion_before": before,
         "tracking_uri": uri,
     }

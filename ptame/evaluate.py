@@ -5,11 +5,33 @@ AD/IC at 100/50/15 %, ROAD MoRF/LeRF (noisy linear imputation, per percentage an
 the curve), the grid pointing game on composites with known cell classes, and seconds per image.
 All measures use the backbone's predicted class ``t`` of each evaluation image, except the grid
 pointing game, which explains the class of each grid cell.
+
+Fair and repeatable: maps are computed in batches of ``batch_size`` images; ``sec_per_image`` is
+timed after one untimed warm-up batch per method; every measure is also scored per image, and a
+seeded bootstrap over images (the same resampled image indices for every method scored on the same
+images) gives a 95 % percentile interval. A method limited by ``max_images`` (RISE) is scored on
+the first images only, and every method scored on more images is also reported on that subset
+(``metrics["ptame@rise"]``), from the same per-image scores. ROAD noise is seeded per image and
+RISE masks by their ``seed``, so two runs give the same metrics.
+
+Layout of :attr:`Evaluation.metrics` (``reports/metrics.json``), every leaf a number so that
+``dvc metrics show`` and MLflow read it::
+
+    {"ptame": {"AD@100": 32.2, ..., "ROAD-MoRF@10": 0.5, ..., "sec_per_image": 0.05,
+               "images": 32.0, "n": 32, "AD@100_lo": 28.0, "AD@100_hi": 36.1, ...},
+     "gradcam": {...}, "rise": {..., "n": 8},
+     "ptame@rise": {... the same keys, on RISE's 8 images}, "gradcam@rise": {...}}
+
+``<measure>_lo`` / ``<measure>_hi`` bound the 95 % bootstrap interval of each measure of
+:data:`INTERVAL_MEASURES`; ``images`` (float, kept for older readers) and ``n`` are the number of
+images. :func:`fingerprint` identifies the images and settings behind the numbers.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,16 +46,20 @@ from torch import Tensor
 
 from ptame.data import CropBox, ImageDecodeError, decode_image, preprocess
 from ptame.explainer import Explainer
-from ptame.metrics import average_drop_increase, grid_pointing_game, road
+from ptame.metrics import average_drop_increase_per_image, grid_pointing_game, road_per_image
 from ptame.models import Classifier
 from ptame.saliency import rise_multi, saliency
 
 __all__ = [
+    "HEADLINE",
+    "INTERVAL_MEASURES",
     "MEASURES",
     "EvalSet",
     "Evaluation",
     "as_table",
+    "bootstrap_intervals",
     "evaluate",
+    "fingerprint",
     "load_eval_set",
     "render_gallery",
     "write_road_plots",
@@ -55,6 +81,12 @@ MEASURES: dict[str, bool] = {
     "sec_per_image": False,
 }
 
+#: the measures the champion rule decides on (:mod:`ptame.champion`)
+HEADLINE: tuple[str, ...] = ("AD@100", "IC@100", "ROAD-MoRF", "ROAD-LeRF", "GridPG")
+
+#: measures reported with a bootstrap interval (``<measure>_lo``, ``<measure>_hi``)
+INTERVAL_MEASURES: tuple[str, ...] = tuple(m for m in MEASURES if m != "sec_per_image")
+
 
 @dataclass(frozen=True)
 class EvalSet:
@@ -64,6 +96,7 @@ class EvalSet:
         images: ``(N, 3, S, S)`` in ``[0, 1]`` after the explainer's preprocessing.
         targets: ``(N,)`` the backbone's predicted classes.
         grid_classes: ``(N, 4)`` class of each 2 x 2 cell (row-major), or ``None``.
+        digests: SHA-256 of each image's encoded bytes (empty: :func:`fingerprint` hashes ``images``).
     """
 
     image_ids: list[str]
@@ -72,15 +105,23 @@ class EvalSet:
     originals: list[Image.Image]
     crop_boxes: list[CropBox]
     grid_classes: Tensor | None = None
+    digests: tuple[str, ...] = ()
 
 
 @dataclass
 class Evaluation:
-    """Results of :func:`evaluate`: ``metrics[method][measure]``, ROAD curves and the maps."""
+    """Results of :func:`evaluate`: ``metrics[method][measure]``, ROAD curves, maps, per-image scores.
+
+    ``per_image[method][measure]`` is a ``(n,)`` float64 array whose mean is the metric;
+    ``fingerprint`` identifies the images and settings (see :func:`fingerprint`).
+    """
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     maps: dict[str, Tensor] = field(default_factory=dict)
+    per_image: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    fingerprint: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None = None, batch_size: int = 16) -> EvalSet:
@@ -92,7 +133,7 @@ def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None
     from ptame.prepare import read_prepared
 
     table = read_prepared(path, columns=["image_id", "image", "grid_classes"])
-    ids, tensors, originals, boxes, cells = [], [], [], [], []
+    ids, tensors, originals, boxes, cells, digests = [], [], [], [], [], []
     for row in table.to_pylist():
         if max_images is not None and len(ids) >= max_images:
             break
@@ -102,6 +143,7 @@ def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None
             logger.warning("evaluation image %s skipped: %s", row["image_id"], e)
             continue
         tensor, box = preprocess(pil, backbone.preprocessing)
+        digests.append(hashlib.sha256(row["image"]).hexdigest())
         ids.append(row["image_id"])
         tensors.append(tensor)
         originals.append(pil)
@@ -117,7 +159,57 @@ def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None
         grid = torch.tensor(cells, dtype=torch.long)
     elif any(c is not None for c in cells):
         logger.warning("only some evaluation rows have grid_classes; the grid pointing game is skipped")
-    return EvalSet(ids, images, targets, originals, boxes, grid)
+    return EvalSet(ids, images, targets, originals, boxes, grid, tuple(digests))
+
+
+def fingerprint(evalset: EvalSet, settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the evaluation images (ids, bytes, targets, grid classes) and the scoring settings.
+
+    Two evaluations are comparable (:mod:`ptame.champion`) only when their fingerprints match.
+    ``targets`` are the backbone's predictions, so a different backbone or preprocessing changes it
+    too. ``settings`` must be JSON-serialisable; leave out what cannot change the numbers (batch sizes).
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    grid = evalset.grid_classes.tolist() if evalset.grid_classes is not None else None
+    for i, image_id in enumerate(evalset.image_ids):
+        if evalset.digests:
+            digest = evalset.digests[i]
+        else:
+            digest = hashlib.sha256(evalset.images[i].detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+        cells = grid[i] if grid is not None else None
+        h.update(json.dumps([image_id, digest, int(evalset.targets[i]), cells]).encode())
+    return h.hexdigest()
+
+
+def bootstrap_intervals(
+    per_image: Mapping[str, np.ndarray], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of the mean of each ``(n,)`` array, resampling images.
+
+    The resampled indices depend only on ``seed`` and ``n``, so methods scored on the same images
+    are resampled alike (paired) and two runs give the same intervals.
+
+    Returns:
+        ``{measure: (lo, hi)}``; with one image both bounds are its value.
+    """
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    out: dict[str, tuple[float, float]] = {}
+    indices: dict[int, np.ndarray] = {}
+    for measure, values in per_image.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"per_image[{measure!r}] must be a non-empty 1-D array, got shape {values.shape}")
+        n = values.size
+        if n not in indices:
+            indices[n] = np.random.default_rng([int(seed), n]).integers(0, n, size=(resamples, n))
+        means = values[indices[n]].mean(axis=1)
+        lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+        out[measure] = (float(lo), float(hi))
+    return out
 
 
 def _maps(
@@ -132,6 +224,52 @@ def _maps(
     return flat.view(b, k, *flat.shape[-2:])
 
 
+def _batched_maps(
+    method: str, explainer: Explainer, images: Tensor, classes: Tensor, options: Mapping[str, Any], batch_size: int
+) -> tuple[Tensor, float]:
+    """Maps ``(n, k, h, w)`` of ``classes`` ``(n, k)`` in batches, and the seconds the first class cost.
+
+    One untimed warm-up batch comes first (RISE: one image and one batch of masks, the shape of
+    its timed passes). Timed: the predicted class (column 0) of every image; RISE gets all its
+    classes from the same passes and is timed as a whole.
+    """
+    n = images.shape[0]
+    warm = dict(options)
+    if method == "rise":
+        warm["num_masks"] = min(int(warm.get("num_masks", 4000)), int(warm.get("batch_size", 64)))
+        warm_images = 1
+    else:
+        warm_images = min(batch_size, n)
+    _maps(method, explainer, images[:warm_images], classes[:warm_images, :1], warm)
+    chunks, seconds = [], 0.0
+    for start in range(0, n, batch_size):
+        img, cls = images[start : start + batch_size], classes[start : start + batch_size]
+        if method == "rise":
+            t0 = time.perf_counter()
+            chunks.append(_maps(method, explainer, img, cls, options).float().cpu())
+            seconds += time.perf_counter() - t0
+            continue
+        t0 = time.perf_counter()
+        first = _maps(method, explainer, img, cls[:, :1], options)
+        seconds += time.perf_counter() - t0
+        if cls.shape[1] > 1:
+            first = torch.cat([first, _maps(method, explainer, img, cls[:, 1:], options)], 1)
+        chunks.append(first.float().cpu())
+    return torch.cat(chunks), seconds
+
+
+def _summary(per_image: Mapping[str, np.ndarray], intervals: Mapping[str, tuple[float, float]], seconds_per_image: float) -> dict[str, float]:
+    """Point values (means, today's keys), ``sec_per_image``, ``images``, ``n``, ``_lo``/``_hi`` bounds."""
+    n = len(next(iter(per_image.values())))
+    out: dict[str, float] = {k: float(np.mean(v)) for k, v in per_image.items()}
+    out["sec_per_image"] = seconds_per_image
+    out["images"] = float(n)
+    out["n"] = n
+    for measure, (lo, hi) in intervals.items():
+        out[f"{measure}_lo"], out[f"{measure}_hi"] = lo, hi
+    return out
+
+
 def evaluate(
     explainer: Explainer,
     evalset: EvalSet,
@@ -141,59 +279,83 @@ def evaluate(
     noise_std: float = 0.01,
     seed: int = 0,
     batch_size: int = 16,
+    resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    subsets: bool = True,
 ) -> Evaluation:
-    """Score each method on ``evalset`` with the same measures.
+    """Score each method on ``evalset`` with the same measures, in batches, with bootstrap intervals.
 
     Args:
         methods: ``{name: options}``; options go to the method (e.g. RISE's ``num_masks``), except
             ``max_images``, which scores the method on the first images only (RISE's budget).
         percentages, imputer, noise_std, seed: ROAD settings (see :func:`ptame.metrics.road`).
+        batch_size: images per map computation and per classifier call (does not change the numbers).
+        resamples, bootstrap_seed: the bootstrap over images behind the 95 % intervals.
+        subsets: also report each method scored on more images on every ``max_images`` subset,
+            as ``"<method>@<limited method>"``.
 
     Returns:
         An :class:`Evaluation`; ``metrics[name]`` holds the keys of :data:`MEASURES` (``GridPG``
-        only when the set has grid classes) plus ``ROAD-MoRF@p`` / ``ROAD-LeRF@p`` and ``images``.
+        only when the set has grid classes) plus ``ROAD-MoRF@p`` / ``ROAD-LeRF@p``, ``images``,
+        ``n`` and the interval bounds (layout in the module docstring).
     """
     from tqdm.auto import tqdm
 
-    result = Evaluation()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    total = len(evalset.image_ids)
+    limits: dict[str, int] = {}
+    for name, options in methods.items():
+        limit = options.get("max_images")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"methods[{name!r}].max_images must be a positive integer or None, got {limit!r}")
+        limits[name] = total if limit is None else min(limit, total)
+    settings = {
+        "methods": {m: dict(o) for m, o in methods.items()},
+        "images": total,
+        "road": {"percentages": sorted(int(p) for p in percentages), "imputer": imputer, "noise_std": float(noise_std), "seed": int(seed)},
+        "bootstrap": {"resamples": int(resamples), "seed": int(bootstrap_seed), "level": 0.95},
+    }
+    result = Evaluation(fingerprint=fingerprint(evalset, settings), settings=settings)
     classifier = explainer.backbone
+    seconds_per_image: dict[str, float] = {}
     for name in (bar := tqdm(list(methods), desc="evaluate")):
         bar.set_postfix(method=name)
-        options = dict(methods[name])
-        limit = options.pop("max_images", None)
-        n = len(evalset.image_ids) if limit is None else min(int(limit), len(evalset.image_ids))
+        options = {k: v for k, v in methods[name].items() if k != "max_images"}
+        n = limits[name]
         images, targets = evalset.images[:n], evalset.targets[:n]
         classes = targets[:, None]
         if evalset.grid_classes is not None:
             classes = torch.cat([classes, evalset.grid_classes[:n]], 1)
-        # timing: the maps of the predicted class only (what a user pays per image)
-        start = time.perf_counter()
-        if name == "rise":  # one pass gives all classes: time it as a whole, per image
-            maps = _maps(name, explainer, images, classes, options)
-            seconds = time.perf_counter() - start
-        else:
-            predicted = _maps(name, explainer, images, targets[:, None], options)
-            seconds = time.perf_counter() - start
-            extra = _maps(name, explainer, images, classes[:, 1:], options) if classes.shape[1] > 1 else None
-            maps = predicted if extra is None else torch.cat([predicted, extra], 1)
-        maps = maps.float().clamp(0, 1)
-        measures: dict[str, float] = {}
-        measures.update(average_drop_increase(classifier, images, maps[:, 0], targets, batch_size=batch_size))
-        measures.update(
-            road(classifier, images, maps[:, 0], targets, percentages, noise_std, seed, batch_size, imputer)  # type: ignore[arg-type]
-        )
+        maps, seconds = _batched_maps(name, explainer, images, classes, options, batch_size)
+        maps = maps.clamp(0, 1)
+        scores = {k: v.numpy() for k, v in average_drop_increase_per_image(classifier, images, maps[:, 0], targets, batch_size=batch_size).items()}
+        road_scores = road_per_image(classifier, images, maps[:, 0], targets, percentages, noise_std, seed, batch_size, imputer)  # type: ignore[arg-type]
+        scores.update({k: v.numpy() for k, v in road_scores.items()})
         if evalset.grid_classes is not None:
             cell_maps = maps[:, 1:5].reshape(n * 4, *maps.shape[-2:])
             cells = torch.arange(4).repeat(n)
-            measures["GridPG"] = float(grid_pointing_game(cell_maps, cells).mean())
-        measures["sec_per_image"] = seconds / n
-        measures["images"] = float(n)
-        result.metrics[name] = measures
+            scores["GridPG"] = grid_pointing_game(cell_maps, cells).double().view(n, 4).mean(1).numpy()
+        seconds_per_image[name] = seconds / n
+        result.per_image[name] = scores
+        result.maps[name] = maps[:, 0]
         result.curves[name] = {
-            order: {p: measures[f"ROAD-{order}@{p}"] for p in sorted(percentages)} for order in ("MoRF", "LeRF")
+            order: {p: float(np.mean(scores[f"ROAD-{order}@{p}"])) for p in sorted(percentages)} for order in ("MoRF", "LeRF")
         }
-        result.maps[name] = maps[:, 0].cpu()
-        logger.info("%s: %s", name, {k: round(v, 4) for k, v in measures.items() if "@" not in k or k.startswith(("AD", "IC"))})
+    if subsets:
+        for limited, n in sorted(limits.items()):
+            if n >= total:
+                continue
+            for other, m in limits.items():
+                if other != limited and m > n:
+                    result.per_image[f"{other}@{limited}"] = {k: v[:n] for k, v in result.per_image[other].items()}
+                    seconds_per_image[f"{other}@{limited}"] = seconds_per_image[other]
+    for name, scores in result.per_image.items():
+        wanted = {k: v for k, v in scores.items() if k in INTERVAL_MEASURES}
+        intervals = bootstrap_intervals(wanted, resamples, bootstrap_seed)
+        result.metrics[name] = _summary(scores, intervals, seconds_per_image[name])
+        shown = {k: round(v, 4) for k, v in result.metrics[name].items() if k in MEASURES or k == "n"}
+        logger.info("%s: %s", name, shown)
     return result
 
 

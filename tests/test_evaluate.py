@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,3 +126,91 @@ def test_plots_and_gallery_files(tiny_explainer, tmp_path) -> None:
     assert Image.open(written[-1]).size == (308, 2 * 122 + 4)
     with pytest.raises(ValueError, match="were not evaluated"):
         render_gallery(evalset, maps, tmp_path / "g2", methods=("rise",))
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {m: {k: v for k, v in values.items() if k != "sec_per_image"} for m, values in metrics.items()}
+
+
+def test_batched_repeatable_and_subsets_on_identical_images(tiny_explainer) -> None:
+    evalset = _grid_set(tiny_explainer, n=3)
+    methods = {"ptame": {}, "gradcam": {}, "rise": {"num_masks": 24, "batch_size": 8, "max_images": 2, "seed": 1}}
+    kw = {"percentages": (30, 70), "noise_std": 0.05, "resamples": 200}
+    one = evaluate(tiny_explainer, evalset, methods, batch_size=1, **kw)
+    again = evaluate(tiny_explainer, evalset, methods, batch_size=1, **kw)
+    batched = evaluate(tiny_explainer, evalset, methods, batch_size=2, **kw)
+    assert _without_timing(one.metrics) == _without_timing(again.metrics)  # deterministic
+    # batches change nothing but the speed
+    for method, values in _without_timing(one.metrics).items():
+        assert _without_timing(batched.metrics)[method] == pytest.approx(values, rel=1e-5, abs=1e-6), method
+    # P-TAME and Grad-CAM also on RISE's two images: the same numbers as scoring them on those alone
+    assert set(one.metrics) == {"ptame", "gradcam", "rise", "ptame@rise", "gradcam@rise"}
+    assert one.metrics["ptame"]["n"] == 3 and one.metrics["rise"]["n"] == one.metrics["ptame@rise"]["n"] == 2
+    alone = evaluate(tiny_explainer, evalset, {"ptame": {"max_images": 2}}, batch_size=2, **kw)
+    expected = {k: v for k, v in alone.metrics["ptame"].items() if k != "sec_per_image"}
+    assert {k: v for k, v in one.metrics["ptame@rise"].items() if k != "sec_per_image"} == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # point values are the means of the per-image scores, inside their interval
+    m, per = one.metrics["ptame"], one.per_image["ptame"]
+    assert m["ROAD-MoRF"] == pytest.approx(per["ROAD-MoRF"].mean()) and per["GridPG"].shape == (3,)
+    for key in ("AD@100", "IC@15", "ROAD-MoRF", "ROAD-LeRF", "GridPG"):
+        assert m[f"{key}_lo"] <= m[key] + 1e-9 and m[key] <= m[f"{key}_hi"] + 1e-9
+    assert "sec_per_image_lo" not in m and "ROAD-MoRF@30_lo" not in m
+
+
+def test_bootstrap_intervals_hand_computed() -> None:
+    from ptame.evaluate import bootstrap_intervals
+
+    # two images scoring 0 and 1: resampled means are 0, .5, 1 with probability 1/4, 1/2, 1/4
+    # -> the 2.5th percentile is 0 and the 97.5th is 1
+    out = bootstrap_intervals({"a": np.array([0.0, 1.0]), "b": np.array([5.0, 5.0]), "c": np.array([7.0])})
+    assert out == {"a": (0.0, 1.0), "b": (5.0, 5.0), "c": (7.0, 7.0)}
+    # paired: arrays of one length share the resampled indices, so a shift moves the bounds alike
+    values = np.arange(10.0)
+    both = bootstrap_intervals({"x": values, "y": values + 1.0}, resamples=300, seed=3)
+    assert both["y"] == pytest.approx((both["x"][0] + 1.0, both["x"][1] + 1.0))
+    assert both["x"][0] < 4.5 < both["x"][1]
+    assert bootstrap_intervals({"x": values}, resamples=300, seed=3) == {"x": both["x"]}  # repeatable
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_intervals({"x": values}, resamples=0)
+
+
+def test_timing_after_warm_up_in_batches(tiny_explainer) -> None:
+    calls: list[int] = []
+
+    def slow_first(model, images, classes, **_):
+        if not calls:
+            time.sleep(0.5)  # a lazy initialisation that the warm-up batch absorbs
+        calls.append(images.shape[0])
+        return torch.ones(images.shape[0], 8, 8)
+
+    METHODS["slow_first"] = slow_first
+    try:
+        evalset = _grid_set(tiny_explainer, n=5)
+        result = evaluate(tiny_explainer, evalset, {"slow_first": {}}, percentages=(50,), batch_size=2, resamples=10)
+    finally:
+        del METHODS["slow_first"]
+    # warm-up (2 images, predicted class), then per batch of 2, 2, 1: predicted class, then 4 cells each
+    assert calls == [2, 2, 8, 2, 8, 1, 4]
+    assert result.metrics["slow_first"]["sec_per_image"] < 0.05
+
+
+def test_fingerprint_names_images_and_settings(tiny_explainer) -> None:
+    from ptame.evaluate import fingerprint
+
+    evalset = _grid_set(tiny_explainer, n=2)
+    settings = {"road": {"seed": 0}}
+    base = fingerprint(evalset, settings)
+    assert len(base) == 64 and fingerprint(evalset, {"road": {"seed": 0}}) == base
+    assert fingerprint(evalset, {"road": {"seed": 1}}) != base
+    renamed = EvalSet(["x", "img1"], *[getattr(evalset, f) for f in ("images", "targets", "originals", "crop_boxes", "grid_classes")])
+    assert fingerprint(renamed, settings) != base
+    changed = evalset.images.clone()
+    changed[0, 0, 0, 0] += 0.5
+    other = EvalSet(evalset.image_ids, changed, evalset.targets, evalset.originals, evalset.crop_boxes, evalset.grid_classes)
+    assert fingerprint(other, settings) != base
+    # the evaluation records it, and batch sizes are not part of it
+    kw = {"percentages": (50,), "resamples": 10}
+    a = evaluate(tiny_explainer, evalset, {"ptame": {}}, batch_size=1, **kw)
+    b = evaluate(tiny_explainer, evalset, {"ptame": {}}, batch_size=2, **kw)
+    c = evaluate(tiny_explainer, evalset, {"ptame": {}}, batch_size=2, noise_std=0.02, **kw)
+    assert a.fingerprint == b.fingerprint != c.fingerprint

@@ -9,6 +9,7 @@ import torch
 
 from ptame.metrics import (
     average_drop_increase,
+    average_drop_increase_per_image,
     energy_in_mask,
     grid_pointing_game,
     keep_top_fraction,
@@ -16,7 +17,10 @@ from ptame.metrics import (
     pointing_hit,
     road,
     road_auc,
+    road_auc_per_image,
+    road_correct,
     road_curve,
+    road_per_image,
     upsample_maps,
 )
 
@@ -111,6 +115,19 @@ def test_average_drop_increase_hand_computed() -> None:
         assert out[f"IC@{r}"] == pytest.approx(100 / 3, rel=1e-6)
 
 
+def test_average_drop_increase_per_image_hand_computed() -> None:
+    images = torch.stack([torch.ones(3, 2, 2), 0.5 * torch.ones(3, 2, 2), torch.ones(3, 2, 2)])
+    saliency = torch.tensor([[[1.0, 0.5], [0.25, 0.0]], [[0.0, 0.0], [0.5, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    targets = torch.tensor([0, 1, 0])
+    per = average_drop_increase_per_image(MeanClassifier(), images, saliency, targets, batch_size=2)
+    y = sigmoid(2)
+    # same images as above: A drops at every r, B only rises, C drops at 50 and 15 only
+    torch.testing.assert_close(per["AD@50"], torch.tensor([100 * (y - sigmoid(-0.5)) / y, 0.0, 100 * (y - sigmoid(0)) / y], dtype=torch.float64))
+    assert per["IC@100"].tolist() == [0.0, 100.0, 0.0] and per["AD@100"][2] == 0.0
+    means = average_drop_increase(MeanClassifier(), images, saliency, targets, batch_size=2)
+    assert {k: pytest.approx(float(v.mean())) for k, v in per.items()} == means
+
+
 def test_average_drop_upsamples_low_res_maps() -> None:
     # a constant 1x1 map of value 0.5 upsampled to 4x4 halves every pixel: m = 0.5 -> o = s(0)
     images = torch.ones(1, 3, 4, 4)
@@ -199,6 +216,18 @@ def test_road_auc_hand_computed() -> None:
     assert road_auc({10: 0.5, 30: 0.2, 50: 0.1, 70: 0.0}) == pytest.approx(0.185)
     with pytest.raises(ValueError, match="percentages"):
         road_auc({0: 1.0, 50: 0.5})
+
+
+def test_road_auc_per_image_hand_computed() -> None:
+    correct = {10: torch.tensor([True, True, False]), 30: torch.tensor([False, True, False]), 70: torch.tensor([False, True, False])}
+    # x = 0, .1, .3, .7, 1; image 0: y = 1,1,0,0,0 -> .1 + .2 * .5 = .2
+    # image 1: y = 1,1,1,1,0 -> .1 + .2 + .4 + .3 * .5 = .85; image 2: y = 1,0,0,0,0 -> .1 * .5 = .05
+    auc = road_auc_per_image(correct)
+    torch.testing.assert_close(auc, torch.tensor([0.2, 0.85, 0.05], dtype=torch.float64))
+    # the mean of per-image areas is the area of the mean curve (accuracy 2/3, 1/3, 1/3)
+    assert float(auc.mean()) == pytest.approx(road_auc({10: 2 / 3, 30: 1 / 3, 70: 1 / 3})) == pytest.approx(1.1 / 3)
+    with pytest.raises(ValueError, match="correct"):
+        road_auc_per_image({10: torch.tensor([1.0, 0.0]), 30: torch.tensor([1.0])})
 
 
 def region_classifier(x: torch.Tensor) -> torch.Tensor:
@@ -324,3 +353,26 @@ def test_bad_inputs_raise_value_error_naming_argument() -> None:
         road_curve(clf, images, sal, targets, "random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="size"):
         upsample_maps(sal, (0, 4))
+
+
+def test_road_per_image_hand_computed_and_batch_independent() -> None:
+    images, targets = region_batch()
+    images, targets = images[:2], targets[:2]
+    saliency = torch.zeros(2, 16, 16)
+    saliency[0, :4, :4] = 1.0  # on the region
+    saliency[1, 12:, 12:] = 1.0  # on the far corner; ties then go row-major from the top-left, the region
+    per = road_per_image(region_classifier, images, saliency, targets, batch_size=1)
+    # MoRF: image 0 loses the region at 10 % (y = 1, 0, 0, 0, 0, 0) -> .1 * .5 = .05;
+    #   image 1 keeps it at 10 % only (1, 1, 0, 0, 0, 0) -> .1 + .2 * .5 = .2
+    # LeRF: image 0 keeps it throughout (1, 1, 1, 1, 1, 0) -> .7 + .3 * .5 = .85; image 1 as its MoRF: .2
+    assert per["ROAD-MoRF@10"].tolist() == [0.0, 1.0] and per["ROAD-LeRF@30"].tolist() == [1.0, 0.0]
+    torch.testing.assert_close(per["ROAD-MoRF"], torch.tensor([0.05, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(per["ROAD-LeRF"], torch.tensor([0.85, 0.2], dtype=torch.float64))
+    means = road(region_classifier, images, saliency, targets, batch_size=2)
+    assert means["ROAD-MoRF"] == pytest.approx(0.125) and means["ROAD-LeRF"] == pytest.approx(0.525)
+    assert {k: pytest.approx(float(v.mean())) for k, v in per.items()} == means
+    # noise seeded per image and percentage: an image scores the same alone, in any batch
+    noisy = {"noise_std": 0.3, "percentages": (30, 50)}
+    both = road_correct(region_classifier, images, saliency, targets, "lerf", batch_size=2, **noisy)
+    first = road_correct(region_classifier, images[:1], saliency[:1], targets[:1], "lerf", batch_size=1, **noisy)
+    assert all(torch.equal(both[p][:1], first[p]) for p in (30, 50))

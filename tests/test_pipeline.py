@@ -85,16 +85,18 @@ def test_dvc_repro_end_to_end(repro) -> None:
     assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,lr"
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics) == {"ptame", "gradcam", "gradcampp", "rise"}
+    assert set(metrics) == {"ptame", "gradcam", "rise", "ptame@rise", "gradcam@rise"}
     for method, values in metrics.items():
-        assert set(MEASURE_KEYS) <= set(values), method
+        assert set(MEASURE_KEYS) <= set(values) and values["GridPG_lo"] <= values["GridPG"] <= values["GridPG_hi"], method
         assert 0.0 <= values["GridPG"] <= 1.0 and 0.0 <= values["ROAD-MoRF"] <= 1.0
-    assert metrics["rise"]["images"] == 1.0 and metrics["ptame"]["images"] == 2.0
+    assert metrics["rise"]["images"] == 1.0 and metrics["ptame"]["images"] == 2.0 and metrics["ptame@rise"]["n"] == 1
 
     # registered, promoted (first version), and the champion gives the same maps as the trained explainer
     record = json.loads((project / "reports/registered.json").read_text())
-    assert record["version"] == "1" and record["promoted"] and record["decided_by"] == "ROAD-MoRF"
-    assert record["value"] == pytest.approx(metrics["ptame"]["ROAD-MoRF"])
+    assert record["version"] == "1" and record["promoted"] and record["decided_by"] == "headline"
+    assert record["values"]["ROAD-MoRF"] == pytest.approx(metrics["ptame"]["ROAD-MoRF"])
+    evaluation = json.loads((project / "reports/evaluation.json").read_text())
+    assert record["fingerprint"] == evaluation["fingerprint"] and evaluation["n"] == 2
     code = (
         "import json, sys, torch\n"
         "from ptame.explainer import Explainer\n"
@@ -173,12 +175,14 @@ def test_champion_moves_only_to_an_at_least_as_faithful_version(tiny_explainer, 
 
     def register(morf: float) -> dict:
         metrics = {"ptame": {"ROAD-MoRF": morf, "AD@100": 10.0}, "gradcam": {"ROAD-MoRF": 0.3}}
-        return register_and_promote(saved, "tiny", metrics, params={"train.lr": 0.1}, artifacts=[saved / "config.json"])
+        return register_and_promote(
+            saved, "tiny", metrics, params={"train.lr": 0.1}, artifacts=[saved / "config.json"], measure="ROAD-MoRF", fingerprint="fp"
+        )
 
     first, worse, tie = register(0.40), register(0.55), register(0.40)
     assert (first["version"], first["promoted"], first["champion_before"]) == ("1", True, None)
     assert (worse["version"], worse["promoted"]) == ("2", False)
-    assert worse["champion_before"] == {"version": "1", "value": 0.40}
+    assert worse["champion_before"] == {"version": "1", "value": 0.40, "fingerprint": "fp"}
     assert (tie["version"], tie["promoted"]) == ("3", True)
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "3"

@@ -26,7 +26,7 @@ from .common import (
     upsample_maps,
 )
 
-__all__ = ["average_drop_increase", "keep_top_fraction"]
+__all__ = ["average_drop_increase", "average_drop_increase_per_image", "keep_top_fraction"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,27 +68,21 @@ def _target_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return probs.gather(1, targets.to(probs.device)[:, None])[:, 0]
 
 
-def average_drop_increase(
+def average_drop_increase_per_image(
     classifier: Classifier,
     images: Tensor,
     saliency: Tensor,
     targets: Tensor,
     fractions: Sequence[float] = (1.0, 0.5, 0.15),
     batch_size: int = 32,
-) -> dict[str, float]:
-    """AD and IC (percent) for each kept fraction of the saliency maps.
+) -> dict[str, Tensor]:
+    """Per-image AD and IC terms (percent), whose means are :func:`average_drop_increase` (for bootstraps).
 
-    Args:
-        classifier: ``(B, 3, H, W)`` images in ``[0, 1]`` -> logits ``(B, K)``.
-        images: ``(B, 3, H, W)`` images in ``[0, 1]``.
-        saliency: ``(B, h, w)`` maps of the target class with values in ``[0, 1]`` (e.g. min-max
-            normalised); upsampled bilinearly to ``(H, W)``.
-        targets: ``(B,)`` class indices (the classifier's own predictions in the paper).
-        fractions: kept fractions ``r`` in ``(0, 1]``.
-        batch_size: images per classifier call.
+    Args as :func:`average_drop_increase`.
 
     Returns:
-        ``{"AD@100": ..., "IC@100": ..., "AD@50": ..., ...}``, keys from ``round(100 * r)``.
+        ``{"AD@100": (B,), "IC@100": (B,), ...}`` float64 on the CPU: ``AD`` holds
+        ``100 * max(0, y - o) / y`` per image and ``IC`` holds ``100`` where ``o > y``, else ``0``.
     """
     images = check_images(images)
     saliency = check_maps(saliency)
@@ -118,12 +112,39 @@ def average_drop_increase(
         for r in fractions:
             masked = img * keep_top_fraction(maps, r).to(img.dtype)[:, None]
             o = _target_probs(batched_logits(classifier, masked, batch_size), tgt)
-            drops[r].append((y - o).clamp_min(0) / y.clamp_min(torch.finfo(y.dtype).tiny))
-            rises[r].append(o > y)
-    out: dict[str, float] = {}
+            drops[r].append(((y - o).clamp_min(0) / y.clamp_min(torch.finfo(y.dtype).tiny)).cpu())
+            rises[r].append((o > y).cpu())
+    out: dict[str, Tensor] = {}
     for r in fractions:
         tag = round(100 * r)
-        out[f"AD@{tag}"] = 100.0 * torch.cat(drops[r]).mean().item()
-        out[f"IC@{tag}"] = 100.0 * torch.cat(rises[r]).double().mean().item()
-    logger.debug("AD/IC over %d images: %s", batch, out)
+        out[f"AD@{tag}"] = 100.0 * torch.cat(drops[r]).double()
+        out[f"IC@{tag}"] = 100.0 * torch.cat(rises[r]).double()
+    return out
+
+
+def average_drop_increase(
+    classifier: Classifier,
+    images: Tensor,
+    saliency: Tensor,
+    targets: Tensor,
+    fractions: Sequence[float] = (1.0, 0.5, 0.15),
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """AD and IC (percent) for each kept fraction of the saliency maps.
+
+    Args:
+        classifier: ``(B, 3, H, W)`` images in ``[0, 1]`` -> logits ``(B, K)``.
+        images: ``(B, 3, H, W)`` images in ``[0, 1]``.
+        saliency: ``(B, h, w)`` maps of the target class with values in ``[0, 1]`` (e.g. min-max
+            normalised); upsampled bilinearly to ``(H, W)``.
+        targets: ``(B,)`` class indices (the classifier's own predictions in the paper).
+        fractions: kept fractions ``r`` in ``(0, 1]``.
+        batch_size: images per classifier call.
+
+    Returns:
+        ``{"AD@100": ..., "IC@100": ..., "AD@50": ..., ...}``, keys from ``round(100 * r)``.
+    """
+    per_image = average_drop_increase_per_image(classifier, images, saliency, targets, fractions, batch_size)
+    out = {key: values.mean().item() for key, values in per_image.items()}
+    logger.debug("AD/IC over %d images: %s", images.shape[0], out)
     return out

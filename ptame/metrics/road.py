@@ -4,7 +4,8 @@ For each percentage ``p`` the ``p`` % most (MoRF) or least (LeRF) relevant pixel
 filled in by *noisy linear imputation*: every missing pixel equals the weighted mean of its
 in-image 8 neighbours (1/6 direct, 1/12 diagonal, renormalised over the neighbours that exist),
 solved as one sparse linear system per image (all channels share the factorisation), plus Gaussian
-noise on the imputed pixels. The score is the classifier's accuracy w.r.t. the targets; the summary
+noise on the imputed pixels (seeded per image and percentage, so an image's score does not depend
+on the batch or on the other images). The score is the classifier's accuracy w.r.t. the targets; the summary
 is the trapezoid area under the curve through ``(0, 1)``, the points and ``(1, 0)``.
 OpenCV's Telea inpainting is available as a faster alternative imputer (``imputer="telea"``).
 """
@@ -36,7 +37,10 @@ __all__ = [
     "noisy_linear_impute",
     "road",
     "road_auc",
+    "road_auc_per_image",
+    "road_correct",
     "road_curve",
+    "road_per_image",
     "telea_impute",
 ]
 
@@ -186,6 +190,64 @@ def _check_percentages(percentages: Sequence[int]) -> list[int]:
     return ps
 
 
+def _noise_seed(seed: int, image: int, percentage: int) -> int:
+    """Seed of the imputation noise of one image at one percentage (independent streams)."""
+    return int(np.random.SeedSequence([int(seed), int(image), int(percentage)]).generate_state(1)[0])
+
+
+def road_correct(
+    classifier: Classifier,
+    images: Tensor,
+    saliency: Tensor,
+    targets: Tensor,
+    order: Order,
+    percentages: Sequence[int] = (10, 30, 50, 70),
+    noise_std: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 32,
+    imputer: Imputer = "linear",
+) -> dict[int, Tensor]:
+    """Per image: is the target still predicted after removing and imputing ``p`` % of the pixels.
+
+    Args as :func:`road_curve`. The noise of image ``i`` at percentage ``p`` comes from a generator
+    seeded by ``(seed, i, p)``, so the first ``n`` images score the same alone as in a larger set.
+
+    Returns:
+        ``{p: (B,) bool}`` on the CPU, keys sorted; :func:`road_curve` is their mean.
+    """
+    images = check_images(images)
+    saliency = check_maps(saliency)
+    batch, _, h, w = images.shape
+    check_batch(saliency, batch, "saliency")
+    targets = check_targets(targets, batch)
+    check_positive_int(batch_size, "batch_size")
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
+    if imputer not in ("linear", "telea"):
+        raise ValueError(f"imputer must be 'linear' or 'telea', got {imputer!r}")
+    ps = _check_percentages(percentages)
+    impute = noisy_linear_impute if imputer == "linear" else telea_impute
+
+    correct: dict[int, list[Tensor]] = {p: [] for p in ps}
+    for start in range(0, batch, batch_size):
+        img = images[start : start + batch_size]
+        tgt = targets[start : start + batch_size]
+        relevance = upsample_maps(saliency[start : start + batch_size], (h, w)).flatten(1)
+        # to the host once per batch: the imputation runs on the CPU, image by image
+        ranking = torch.argsort(relevance, dim=1, descending=(order == "morf"), stable=True).cpu()
+        for p in ps:
+            k = round(p / 100 * h * w)
+            imputed = torch.empty_like(img)
+            for i in range(img.shape[0]):
+                missing = torch.zeros(h * w, dtype=torch.bool)
+                missing[ranking[i, :k]] = True
+                generator = torch.Generator().manual_seed(_noise_seed(seed, start + i, p))
+                imputed[i] = impute(img[i], missing.view(h, w), noise_std, generator)
+            logits = batched_logits(classifier, imputed, batch_size)
+            correct[p].append((logits.argmax(1) == tgt.to(logits.device)).cpu())
+    return {p: torch.cat(correct[p]) for p in ps}
+
+
 def road_curve(
     classifier: Classifier,
     images: Tensor,
@@ -209,45 +271,16 @@ def road_curve(
         order: ``"morf"`` removes the most relevant pixels first, ``"lerf"`` the least relevant.
         percentages: removed shares in percent, each in ``(0, 100)``.
         noise_std: std of the imputation noise.
-        seed: seed of the noise generator (reproducible curves).
+        seed: seed of the noise (reproducible curves; per image and percentage, see :func:`road_correct`).
         batch_size: images imputed and classified per chunk.
         imputer: ``"linear"`` (noisy linear imputation, as in ROAD) or ``"telea"`` (OpenCV).
 
     Returns:
         ``{p: accuracy}`` with accuracy in ``[0, 1]``, keys sorted.
     """
-    images = check_images(images)
-    saliency = check_maps(saliency)
-    batch, _, h, w = images.shape
-    check_batch(saliency, batch, "saliency")
-    targets = check_targets(targets, batch)
-    check_positive_int(batch_size, "batch_size")
-    if order not in ("morf", "lerf"):
-        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    if imputer not in ("linear", "telea"):
-        raise ValueError(f"imputer must be 'linear' or 'telea', got {imputer!r}")
-    ps = _check_percentages(percentages)
-    impute = noisy_linear_impute if imputer == "linear" else telea_impute
-    generator = torch.Generator().manual_seed(int(seed))
-
-    correct = {p: 0 for p in ps}
-    for start in range(0, batch, batch_size):
-        img = images[start : start + batch_size]
-        tgt = targets[start : start + batch_size]
-        relevance = upsample_maps(saliency[start : start + batch_size], (h, w)).flatten(1)
-        # to the host once per batch: the imputation runs on the CPU, image by image
-        ranking = torch.argsort(relevance, dim=1, descending=(order == "morf"), stable=True).cpu()
-        for p in ps:
-            k = round(p / 100 * h * w)
-            imputed = torch.empty_like(img)
-            for i in range(img.shape[0]):
-                missing = torch.zeros(h * w, dtype=torch.bool)
-                missing[ranking[i, :k]] = True
-                imputed[i] = impute(img[i], missing.view(h, w), noise_std, generator)
-            logits = batched_logits(classifier, imputed, batch_size)
-            correct[p] += int((logits.argmax(1) == tgt.to(logits.device)).sum())
-    curve = {p: correct[p] / batch for p in ps}
-    logger.info("ROAD-%s curve (%s imputer, %d images): %s", order, imputer, batch, curve)
+    correct = road_correct(classifier, images, saliency, targets, order, percentages, noise_std, seed, batch_size, imputer)
+    curve = {p: float(c.double().mean()) for p, c in correct.items()}
+    logger.info("ROAD-%s curve (%s imputer, %d images): %s", order, imputer, images.shape[0], curve)
     return curve
 
 
@@ -299,4 +332,59 @@ def road(
     for tag, curve in curves.items():
         for p, acc in curve.items():
             out[f"ROAD-{tag}@{p}"] = acc
+    return out
+
+
+def road_auc_per_image(correct: Mapping[int, Tensor]) -> Tensor:
+    """Each image's trapezoid area under ``(0, 1)``, its 0/1 correctness at each ``p``, ``(1, 0)``.
+
+    The area is linear in the curve's points, so the mean of these areas equals
+    :func:`road_auc` of the mean curve (the accuracy at each ``p``).
+
+    Args:
+        correct: ``{percentage in (0, 100): (B,) bool or values in [0, 1]}`` (:func:`road_correct`).
+
+    Returns:
+        ``(B,)`` float64 areas in ``[0, 1]``.
+    """
+    ps = _check_percentages(list(correct))
+    ys = [torch.as_tensor(correct[p]).double().cpu() for p in ps]
+    if len({tuple(y.shape) for y in ys}) != 1 or ys[0].ndim != 1:
+        raise ValueError(f"correct must map each percentage to a (B,) tensor of one size, got shapes {[tuple(y.shape) for y in ys]}")
+    if any(((y < 0) | (y > 1)).any() for y in ys):
+        raise ValueError("correct must hold values in [0, 1]")
+    x = [0.0, *(p / 100 for p in ps), 1.0]
+    y = [torch.ones_like(ys[0]), *ys, torch.zeros_like(ys[0])]
+    return sum((x[j + 1] - x[j]) * (y[j + 1] + y[j]) / 2 for j in range(len(x) - 1))  # type: ignore[return-value]
+
+
+def road_per_image(
+    classifier: Classifier,
+    images: Tensor,
+    saliency: Tensor,
+    targets: Tensor,
+    percentages: Sequence[int] = (10, 30, 50, 70),
+    noise_std: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 32,
+    imputer: Imputer = "linear",
+) -> dict[str, Tensor]:
+    """Per-image ROAD scores whose means are :func:`road`'s values (for bootstrap intervals).
+
+    Args as :func:`road`.
+
+    Returns:
+        The keys of :func:`road`, each a ``(B,)`` float64 tensor: areas for ``ROAD-MoRF`` /
+        ``ROAD-LeRF``, 0/1 correctness for ``ROAD-MoRF@p`` / ``ROAD-LeRF@p``.
+    """
+    out: dict[str, Tensor] = {}
+    corrects = {}
+    for order, tag in (("morf", "MoRF"), ("lerf", "LeRF")):
+        corrects[tag] = road_correct(
+            classifier, images, saliency, targets, order, percentages, noise_std, seed, batch_size, imputer,
+        )  # fmt: skip
+        out[f"ROAD-{tag}"] = road_auc_per_image(corrects[tag])
+    for tag, correct in corrects.items():
+        for p, c in correct.items():
+            out[f"ROAD-{tag}@{p}"] = c.double()
     return out
