@@ -11,7 +11,8 @@ warm-up (start-up seconds are printed separately):
   cropped per step, ``auxiliary: backbone`` (one pass gives prediction and features), bf16
   autocast, the deletion term.
 - ``ptame.train, now``: :func:`ptame.train.train` with the same settings (one Ray Train worker,
-  images cached in the worker, torch threads = the node's CPUs).
+  images cached in the worker, torch threads = the node's CPUs), and once more without the
+  deletion term (the paper's loss, so the same work per image as ``before``).
 
 Usage::
 
@@ -116,6 +117,8 @@ def main() -> None:
             f"plain loop, now (decoded once, auxiliary backbone, bf16, deletion, {cores} threads)":
                 lambda: plain_loop(now, args.steps, args.warmup, cached=True, threads=cores),
             "ptame.train, now (Ray Train, 1 worker, same settings)": lambda: ray_run(now, args.warmup),
+            "ptame.train, now without the deletion term (the paper's loss)":
+                lambda: ray_run(replace(now, loss=asdict(LossWeights())), args.warmup),
         }
         results = {name: run() for name, run in runs.items()}
     print(f"\nEfficientNet-Lite2 at 260 px, batch 16, {args.steps} steps ({args.warmup} warm-up steps not timed), "

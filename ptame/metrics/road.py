@@ -13,6 +13,7 @@ OpenCV's Telea inpainting is available as a faster alternative imputer (``impute
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -237,12 +238,16 @@ def road_correct(
         ranking = torch.argsort(relevance, dim=1, descending=(order == "morf"), stable=True).cpu()
         for p in ps:
             k = round(p / 100 * h * w)
-            imputed = torch.empty_like(img)
-            for i in range(img.shape[0]):
+
+            def fill(i: int, k: int = k, p: int = p, start: int = start) -> Tensor:
                 missing = torch.zeros(h * w, dtype=torch.bool)
                 missing[ranking[i, :k]] = True
                 generator = torch.Generator().manual_seed(_noise_seed(seed, start + i, p))
-                imputed[i] = impute(img[i], missing.view(h, w), noise_std, generator)
+                return impute(img[i], missing.view(h, w), noise_std, generator)
+
+            # the sparse solves release the GIL: one image per core (each image has its own noise seed)
+            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+                imputed = torch.stack(list(pool.map(fill, range(img.shape[0]))))
             logits = batched_logits(classifier, imputed, batch_size)
             correct[p].append((logits.argmax(1) == tgt.to(logits.device)).cpu())
     return {p: torch.cat(correct[p]) for p in ps}
