@@ -575,13 +575,14 @@ class _ShardImages:
             for i in range(skip, min(steps, images.shape[0] // bs)):
                 yield self._augment(images[order[i * bs : (i + 1) * bs]], epoch, i)
             return
-        batches = self.shard.iter_torch_batches(
-            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs, local_shuffle_seed=self.cfg.seed + epoch
+        batches = self.shard.iter_batches(
+            batch_size=bs, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * bs,
+            local_shuffle_seed=self.cfg.seed + epoch,
         )
         for i, batch in enumerate(batches, start=skip):
             if i >= steps:
                 return
-            yield self._augment(batch["image"], epoch, i)
+            yield self._augment(torch.from_numpy(batch["image"]), epoch, i)
 
     def _augment(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         if not self.cfg.augment:

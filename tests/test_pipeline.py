@@ -82,7 +82,7 @@ def test_dvc_repro_end_to_end(repro) -> None:
     assert (prepared["train"], prepared["eval"], prepared["skipped"]) == (16, 2, 0)
     trained = json.loads((project / "reports/train.json").read_text())
     assert trained["steps"] == 3
-    assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,lr"
+    assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,deletion,lr"
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert set(metrics) == {"ptame", "gradcam", "rise", "ptame@rise", "gradcam@rise"}
