@@ -223,15 +223,15 @@ class Explainer(nn.Module):
             self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
             self.head.stages[-1].bn.weight.zero_()
 
-    def _fill(self, images: Tensor) -> Tensor:
-        """What removed pixels become in training: black, or a heavy blur of the image."""
-        if self.loss_weights.fill == "blur":
-            from torchvision.transforms.v2.functional import gaussian_blur
+    def _fill(self, images: Tensor) -> Tensor | None:
+        """What removed pixels become in training: ``None`` for black, else a heavy blur of the image."""
+        if self.loss_weights.fill != "blur":
+            return None
+        from torchvision.transforms.v2.functional import gaussian_blur
 
-            sigma = max(images.shape[-2:]) / 32
-            k = 2 * math.ceil(3 * sigma) + 1
-            return gaussian_blur(images, [k, k], [sigma, sigma])
-        return torch.zeros_like(images)
+        sigma = max(images.shape[-2:]) / 32
+        k = 2 * math.ceil(3 * sigma) + 1
+        return gaussian_blur(images, [k, k], [sigma, sigma])
 
     def training_step(self, images: Tensor, gather_classes: bool = True) -> dict[str, Tensor]:
         """The P-TAME loss on a batch (no optimiser step); ``loss`` carries gradients to the head.
@@ -263,10 +263,12 @@ class Explainer(nn.Module):
             masks = maps[rows, targets]
         masks = F.interpolate(masks[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
         fill = self._fill(images)
-        masked_logits = self.backbone(images * masks + fill * (1 - masks))
-        deleted_logits = None
-        if self.loss_weights.deletion > 0:
-            deleted_logits = self.backbone(images * (1 - masks) + fill * masks)
+
+        def remove(share: Tensor) -> Tensor:  # black fill needs no extra tensor in the hot path
+            return images * (1 - share) if fill is None else images * (1 - share) + fill * share
+
+        masked_logits = self.backbone(remove(1 - masks))
+        deleted_logits = self.backbone(remove(masks)) if self.loss_weights.deletion > 0 else None
         return ptame_loss(masked_logits, targets, batch_maps, self.loss_weights, deleted_logits)
 
     def _resolve_classes(self, probs: Tensor, classes: Tensor | Sequence[int] | int | None, topk: int) -> Tensor:
