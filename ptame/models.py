@@ -31,6 +31,7 @@ __all__ = [
     "load_auxiliary",
     "backbone_taps",
     "classifier_weight",
+    "amp_dtype",
     "probe_input",
 ]
 
@@ -284,6 +285,14 @@ def probe_input(model: nn.Module, size: int) -> Tensor:
             dtype = t.dtype
             break
     return torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CPUs and on GPUs that have it (no GradScaler, so no host sync per
+    step); fp16, with a GradScaler when training, on older GPUs."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
 
 
 def _infer_num_classes(model: nn.Module, size: int) -> int:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ptame.explainer import Explainer, check_images
 from ptame.head import minmax_normalize
-from ptame.models import Classifier, probe_input
+from ptame.models import Classifier, amp_dtype, probe_input
 
 __all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 
@@ -178,9 +178,10 @@ def rise_multi(
     num_masks: int = 4000,
     cells: int = 7,
     p: float = 0.5,
-    batch_size: int = 64,
+    batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    amp: bool = False,
 ) -> Tensor:
     """RISE maps of several classes per image from one set of masked forward passes.
 
@@ -190,6 +191,8 @@ def rise_multi(
     Args:
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
         classes: ``(B, k)`` classes to explain per image.
+        amp: run the masked passes under bf16 autocast (fp16 on pre-Ampere GPUs): about 2.5x faster
+            on CPUs with bf16 instructions; the probabilities are then averaged in float32.
 
     Returns:
         ``(B, k, H, W)`` maps, min-max normalised per map.
@@ -199,11 +202,14 @@ def rise_multi(
     generator = torch.Generator().manual_seed(seed)
     masks = rise_masks(num_masks, tuple(images.shape[-2:]), cells, p, generator).to(images.device)
     maps = torch.zeros(images.shape[0], classes.shape[1], *images.shape[-2:], device=images.device)
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype(images.device), enabled=amp)
     with torch.inference_mode():
         for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=not progress, leave=False):
             for start in range(0, num_masks, batch_size):
                 m = masks[start : start + batch_size]
-                probs = backbone(images[i : i + 1] * m).softmax(1)[:, classes[i]]  # (n, k)
+                with autocast:
+                    logits = backbone(images[i : i + 1] * m)
+                probs = logits.float().softmax(1)[:, classes[i]]  # (n, k)
                 maps[i] += torch.einsum("nk,nhw->khw", probs, m[:, 0])
     return minmax_normalize(maps / (num_masks * p))
 
@@ -216,10 +222,11 @@ def rise(
     num_masks: int = 4000,
     cells: int = 7,
     p: float = 0.5,
-    batch_size: int = 64,
+    batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    amp: bool = False,
     **_: Any,
 ) -> Tensor:
     """RISE (Petsiuk et al., 2018): the mean of random masks weighted by the class probability."""
-    return rise_multi(_backbone(model), images, classes[:, None], num_masks, cells, p, batch_size, seed, progress)[:, 0]
+    return rise_multi(_backbone(model), images, classes[:, None], num_masks, cells, p, batch_size, seed, progress, amp)[:, 0]

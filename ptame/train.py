@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ptame.losses import LossWeights
-from ptame.models import Preprocessing
+from ptame.models import Preprocessing, amp_dtype
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -684,14 +684,6 @@ class _LossLog:
         return kept, {k: rows[-1][k] for k in (*LOSS_TERMS, "lr")}
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on CPUs and on GPUs that have it (no GradScaler, so no host sync per
-    step); fp16, with a GradScaler, on older GPUs."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float16
-    return torch.bfloat16
-
-
 def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
     """The explainer with its head wrapped for DDP, and the optimiser, schedule and grad scaler."""
     import ray.train.torch
@@ -708,7 +700,7 @@ def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
     explainer.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and _amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     return explainer, head, optimizer, scheduler, scaler
 
 
@@ -729,7 +721,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     explainer, head, optimizer, scheduler, scaler = _prepare_worker(cfg, total, device)
-    amp_dtype = _amp_dtype(device)
+    autocast_dtype = amp_dtype(device)
 
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
@@ -769,7 +761,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
         # a fresh pass, as Ray Data streams in no fixed order): no step is ever done twice.
         for images in shard.epoch(state["epoch"], state["epoch_step"], per_epoch):
             images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
                 out = explainer.training_step(images)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
