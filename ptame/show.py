@@ -39,15 +39,11 @@ def _image_bytes(source: Any, wanted: set[str]) -> dict[str, bytes]:
 
 def _shown(row: Any) -> tuple[str, int, float]:
     """Label, class and score of the map in ``row`` (outputs older than ``saliency_class`` show the prediction)."""
-    if getattr(row, "saliency_class", None) is not None and not _missing(row.saliency_class):
-        return row.saliency_label, int(row.saliency_class), float(row.saliency_score)
-    return row.pred_label, int(row.pred_class), float(row.pred_score)
-
-
-def _missing(value: Any) -> bool:
     import pandas as pd
 
-    return bool(pd.isna(value))
+    if pd.isna(row.saliency_class):
+        return row.pred_label, int(row.pred_class), float(row.pred_score)
+    return row.saliency_label, int(row.saliency_class), float(row.saliency_score)
 
 
 def _file_name(index: int, image_id: str) -> str:
