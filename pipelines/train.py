@@ -24,6 +24,7 @@ TRAIN_KEYS = (
 
 
 def run(params) -> None:
+    from ptame.models import read_class_names
     from ptame.train import TrainConfig, train
 
     t = params["train"]
@@ -33,6 +34,7 @@ def run(params) -> None:
         auxiliary=params["model.auxiliary"],
         stages=params.get("model.stages", None),
         preprocessing=prep.to_dict() if prep is not None else None,
+        class_names=read_class_names(params.get("model.class_names", None)),
         data=DATA,
         output_dir=OUT,
         lr=float(t["lr"]),  # YAML 1.1 reads "1e-4" as a string

@@ -52,7 +52,7 @@ MANIFEST_FORMAT = 1
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # see _write_atomically
 #: settings that change the rows or their files: a rerun must use the same ones
-_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column")
+_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column", "classes")
 
 
 @dataclass(frozen=True)
@@ -224,14 +224,16 @@ def _absolute(spec: str) -> str:
 
 
 def _read_parquet_rows(
-    fs: Any, path: str, start: int, stop: int, image_column: str, id_column: str
-) -> tuple[list[str], list[bytes | None]]:
-    """Rows ``[start, stop)`` of one Parquet file: only the row groups that overlap them are read."""
+    fs: Any, path: str, start: int, stop: int, image_column: str, id_column: str, class_column: str | None = None
+) -> tuple[list[str], list[bytes | None], list[Any]]:
+    """Rows ``[start, stop)`` of one Parquet file: ids, image bytes and the class column's values
+    (``None`` each without ``class_column``); only the row groups that overlap the rows are read."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         columns = [image_column] + ([id_column] if id_column in pf.schema_arrow.names else [])
+        columns += [class_column] if class_column else []
         groups, first, offset = [], 0, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -246,13 +248,24 @@ def _read_parquet_rows(
     else:
         name = path.rsplit("/", 1)[-1]
         ids = [f"{name}#{row}" for row in range(start, stop)]
-    return ids, blobs
+    wanted = table.column(class_column).to_pylist() if class_column else [None] * len(blobs)
+    return ids, blobs, wanted
 
 
 def _prepare_chunk(
-    chunk: dict[str, Any], *, filesystem: Any, preprocessing: dict[str, Any], max_pixels: int, image_column: str, id_column: str
+    chunk: dict[str, Any],
+    *,
+    filesystem: Any,
+    preprocessing: dict[str, Any],
+    max_pixels: int,
+    image_column: str,
+    id_column: str,
+    classes: int | str | None = None,
 ) -> dict[str, Any]:
-    """CPU stage: read, decode and preprocess one chunk; every input yields an entry, bad ones an error."""
+    """CPU stage: read, decode and preprocess one chunk; every input yields an entry, bad ones an error.
+
+    ``classes``: one class for every image (int), or the Parquet column holding each row's class.
+    """
     import numpy as np
 
     from ptame.models import Preprocessing
@@ -263,9 +276,14 @@ def _prepare_chunk(
     if "ids" in chunk:
         source = ImageSource("files", list(chunk["paths"]), list(chunk["ids"]), filesystem)
         entries = list(iter_image_bytes(source))
+        wanted: list[Any] = [classes] * len(entries)
     else:
-        ids, blobs = _read_parquet_rows(filesystem, chunk["file"], chunk["start"], chunk["stop"], image_column, id_column)
+        column = classes if isinstance(classes, str) else None
+        ids, blobs, wanted = _read_parquet_rows(
+            filesystem, chunk["file"], chunk["start"], chunk["stop"], image_column, id_column, column
+        )
         entries = [(i, b, None if b is not None else "no image bytes (null)") for i, b in zip(ids, blobs)]
+        wanted = wanted if column else [classes] * len(entries)
     items: list[Prepared] = []
     for image_id, data, error in entries:
         if error is not None:
@@ -286,6 +304,7 @@ def _prepare_chunk(
         "height": [it.height for it in items],
         "crop_box": [list(it.crop_box) if it.crop_box else None for it in items],
         "error": [it.error for it in items],
+        "classes": [None if c is None else str(c) for c in wanted],  # index or label; None: the prediction
         "pixels": np.ascontiguousarray(pixels, np.float32).tobytes(),
     }
 
@@ -328,20 +347,29 @@ class ChunkExplainer:
         import torch
 
         from ptame.explanations import explanations_table
-        from ptame.records import Prepared, explain_prepared
+        from ptame.records import Prepared, explain_prepared, resolve_class
 
         size = self.explainer.preprocessing.input_size
         pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
-        items, g = [], 0
-        for width, height, box, error in zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["error"]):
-            if error is None:
-                items.append(Prepared(pixels[g], int(width), int(height), tuple(int(v) for v in box), None))
-                g += 1
-            else:
+        items, classes, g = [], [], 0
+        entries = zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["error"], chunk["classes"])
+        for width, height, box, error, wanted in entries:
+            if error is not None:
                 items.append(Prepared(None, int(width), int(height), None, error))
+                classes.append(None)
+                continue
+            tensor, g = pixels[g], g + 1
+            try:
+                classes.append(None if wanted is None else resolve_class(wanted, self.explainer.class_names))
+            except ValueError as e:
+                items.append(Prepared(None, int(width), int(height), None, str(e)))
+                classes.append(None)
+                continue
+            items.append(Prepared(tensor, int(width), int(height), tuple(int(v) for v in box), None))
         rows: list[dict[str, Any]] = []
         for i in range(0, len(items), self.batch_size):
-            rows.extend(explain_prepared(self.explainer, items[i : i + self.batch_size], topk=self.topk))
+            window = slice(i, i + self.batch_size)
+            rows.extend(explain_prepared(self.explainer, items[window], topk=self.topk, classes=classes[window]))
         table = explanations_table(list(chunk["image_id"]), rows, self.model_uri)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
@@ -400,6 +428,40 @@ def _write_chunk(chunk: dict[str, Any], *, output: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- driver
 
 
+def _check_classes(classes: int | str | None) -> None:
+    """``classes`` is an index >= 0, a column name, or ``None``."""
+    if classes is None or isinstance(classes, str) and classes:
+        return
+    if not isinstance(classes, int) or isinstance(classes, bool):
+        raise TypeError(f"classes must be a class index or a column name, got {classes!r}")
+    if classes < 0:
+        raise ValueError(f"classes must be a class index >= 0 or a column name, got {classes}")
+
+
+def _check_class_column(source: Any, column: str) -> None:
+    """A per-row class needs a Parquet input whose every file has the ``column``."""
+    import pyarrow.parquet as pq
+
+    if source.kind != "parquet":
+        raise ValueError(
+            f"--classes {column!r} names a column, but the input is image files; give one class index for "
+            "all images, or a Parquet input with that column"
+        )
+    for path in source.paths:
+        with source.filesystem.open(path, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+        if column not in names:
+            raise ValueError(f"{path} has no class column {column!r} (columns: {names})")
+
+
+def _check_class_index(model_uri: str, index: int) -> None:
+    """Refuse a class the model lacks before the job's manifest is written."""
+    from ptame.records import resolve_class
+    from ptame.registry import load_explainer
+
+    resolve_class(index, load_explainer(model_uri).explainer.class_names)
+
+
 def _check_positive(**values: int | None) -> None:
     for name, value in values.items():
         if value is None:
@@ -423,6 +485,7 @@ def explain_to_parquet(
     max_pixels: int | None = None,
     image_column: str = "image",
     id_column: str = "image_id",
+    classes: int | str | None = None,
     address: str | None = None,
     progress: bool = True,
 ) -> ExplainSummary:
@@ -444,6 +507,8 @@ def explain_to_parquet(
         max_pixels: larger images are refused as decompression bombs, an error row (default: the
             job's, or :data:`ptame.data.DEFAULT_MAX_PIXELS`).
         image_column, id_column: columns of a Parquet input (ids default to ``<file>#<row>``).
+        classes: the class every map explains (an index), or the column of a Parquet input that holds
+            each row's class (an index or a label; null rows and the default explain the prediction).
         address: Ray cluster to use when Ray is not initialised yet.
         progress: show a progress bar.
 
@@ -457,12 +522,17 @@ def explain_to_parquet(
         if not isinstance(value, str) or not value:
             raise TypeError(f"{name} must be a non-empty string, got {value!r}")
     _check_positive(batch_size=batch_size, concurrency=concurrency, topk=topk, chunk_size=chunk_size, max_pixels=max_pixels)
+    _check_classes(classes)
     from ptame.explanations import read_manifest
     from ptame.sources import resolve_source
 
     start = time.perf_counter()
     model_uri, tracking_uri = _pin_model(model)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
+    if isinstance(classes, str):
+        _check_class_column(source, classes)
+    elif classes is not None:
+        _check_class_index(model_uri, classes)
     fs, root = output_filesystem(output)
     previous = read_manifest(output) or {}
     size = chunk_size or previous.get("chunk_size") or DEFAULT_CHUNK_SIZE
@@ -481,6 +551,7 @@ def explain_to_parquet(
         "fingerprint": fingerprint,
         "topk": topk,
         "max_pixels": max_pixels,
+        "classes": classes,
     }
     if _check_output(fs, root, output, manifest) is None:
         fs.makedirs(root, exist_ok=True)
@@ -499,7 +570,7 @@ def explain_to_parquet(
     images, errors, written = _run_pipeline(
         pending, source, model_uri, tracking_uri, output,
         chunk_size=size, batch_size=batch_size, concurrency=concurrency, topk=topk, use_gpu=use_gpu,
-        max_pixels=max_pixels, address=address, progress=progress,
+        max_pixels=max_pixels, classes=classes, address=address, progress=progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     missing = len(chunks) - len(_finished_chunks(fs, root))
@@ -527,6 +598,7 @@ def _run_pipeline(
     topk: int,
     use_gpu: bool,
     max_pixels: int,
+    classes: int | str | None,
     address: str | None,
     progress: bool,
 ) -> tuple[int, int, int]:
@@ -564,6 +636,7 @@ def _run_pipeline(
                     "max_pixels": max_pixels,
                     "image_column": source.image_column,
                     "id_column": source.id_column,
+                    "classes": classes,
                 },
                 num_cpus=1,
                 # room for the largest image a task accepts and its chunk; also keeps Ray Data from
@@ -622,8 +695,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None, help="larger images are refused as decompression bombs, an error row (default: the job's, else 64 megapixels)")
     parser.add_argument("--image-column", default="image", help="image-bytes column of a Parquet input (default: %(default)s)")
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
+    parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image, or the column of a Parquet input holding each row's class index or label (default: the predicted class)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _class_option(text: str) -> int | str:
+    """``--classes``: digits are a class index, anything else a column name."""
+    return int(text) if text.isdigit() else text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -631,6 +710,6 @@ def main(args: argparse.Namespace) -> int:
         args.model, args.input, args.output,
         batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
         chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
-        id_column=args.id_column, address=args.address, progress=not args.no_progress,
+        id_column=args.id_column, classes=args.classes, address=args.address, progress=not args.no_progress,
     )  # fmt: skip
     return 0

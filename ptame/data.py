@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "CropBox",
     "ImageDecodeError",
     "decode_image",
+    "load_image",
     "preprocess",
     "to_tensor",
 ]
@@ -86,6 +88,36 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, rgba)
     return im.convert("RGB")
+
+
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, encoded bytes or a PIL image as an upright RGB image, through :func:`decode_image`.
+
+    A PIL image is re-encoded losslessly first, so that it is decoded exactly as the same picture
+    sent to the bulk job or the server would be (EXIF rotation, alpha on white, 16-bit to 8-bit).
+
+    Raises:
+        ImageDecodeError: unreadable input; FileNotFoundError: a path that does not exist.
+    """
+    if isinstance(source, Image.Image):
+        return decode_image(_encode_lossless(source), max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), max_pixels)
+    if isinstance(source, (str, Path)):
+        return decode_image(Path(source).read_bytes(), max_pixels)
+    raise TypeError(f"image must be a path, bytes or a PIL image, got {type(source).__name__}")
+
+
+def _encode_lossless(image: Image.Image) -> bytes:
+    """PNG bytes of ``image`` with its EXIF, or TIFF for the modes PNG cannot hold (CMYK, float)."""
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        try:
+            image.save(buf, format=fmt, exif=image.getexif())
+        except (OSError, KeyError, ValueError):
+            continue
+        return buf.getvalue()
+    raise ImageDecodeError(f"cannot read a PIL image of mode {image.mode!r}")
 
 
 def to_tensor(image: Image.Image) -> Tensor:

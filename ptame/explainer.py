@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from ptame.models import (
     load_backbone,
 )
 
-__all__ = ["Explanation", "Explainer", "ExplainerConfig", "check_images"]
+__all__ = ["Explanation", "Explainer", "ExplainerConfig", "ImageExplanation", "check_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,25 @@ class Explanation:
     saliency: Tensor
     classes: Tensor
     scores: Tensor
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """The explanation of one image file, from :meth:`Explainer.explain_image`.
+
+    Attributes:
+        saliency: ``(h, w)`` float32 map in ``[0, 1]`` at the head's native resolution.
+        class_index: the class the map explains; ``label`` its name; ``score`` its probability.
+        crop_box: ``(left, top, right, bottom)`` of the original image that the map covers.
+        size: ``(width, height)`` of the original image (after EXIF rotation).
+    """
+
+    saliency: Any  # numpy.ndarray
+    class_index: int
+    label: str
+    score: float
+    crop_box: tuple[int, int, int, int]
+    size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -310,6 +328,29 @@ class Explainer(nn.Module):
             # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
             # the raw logits lifts the background (see the learning test's notes)
             return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen))
+
+    def explain_image(self, image: str | Path | bytes | Any, class_: int | str | None = None) -> ImageExplanation:
+        """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default the prediction).
+
+        Decodes and preprocesses exactly as ``ptame explain`` and ``ptame serve`` do, so the three
+        agree on the same picture.
+        """
+        from ptame.data import load_image
+        from ptame.records import prepare, resolve_class
+
+        prepared = prepare(load_image(image), self.preprocessing)
+        target = None if class_ is None else resolve_class(class_, self.class_names)
+        device = next(self.head.parameters()).device
+        result = self.explain(prepared.tensor[None].to(device), classes=target)  # type: ignore[index]
+        index = int(result.classes[0, 0])
+        return ImageExplanation(
+            saliency=result.saliency[0, 0].float().cpu().numpy(),
+            class_index=index,
+            label=self.class_names[index],
+            score=float(result.scores[0, 0]),
+            crop_box=prepared.crop_box,  # type: ignore[arg-type]
+            size=(prepared.width, prepared.height),
+        )
 
     # ------------------------------------------------------------------ persistence
 

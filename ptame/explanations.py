@@ -46,8 +46,12 @@ SCHEMA = pa.schema(
         pa.field("pred_label", pa.string()),
         pa.field("pred_score", pa.float32()),
         pa.field("topk_classes", pa.list_(pa.int32())),
+        pa.field("topk_labels", pa.list_(pa.string())),
         pa.field("topk_scores", pa.list_(pa.float32())),
-        pa.field("saliency", pa.binary()),  # pred_class map, min-max normalised, uint8, row-major
+        pa.field("saliency", pa.binary()),  # saliency_class map, min-max normalised, uint8, row-major
+        pa.field("saliency_class", pa.int32()),  # the requested class (--classes), else pred_class
+        pa.field("saliency_label", pa.string()),
+        pa.field("saliency_score", pa.float32()),
         pa.field("saliency_shape", pa.list_(pa.int32())),  # (h, w)
         pa.field("crop_box", pa.list_(pa.int32())),  # (left, top, right, bottom) in original pixels
         pa.field("model_uri", pa.string(), nullable=False),

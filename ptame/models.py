@@ -27,6 +27,7 @@ __all__ = [
     "FeaturePyramid",
     "Preprocessing",
     "imagenet_class_names",
+    "read_class_names",
     "load_backbone",
     "load_auxiliary",
     "backbone_taps",
@@ -123,7 +124,9 @@ class Classifier(nn.Module):
         self.num_classes = int(num_classes)
         self.uri = uri
         if class_names is not None and len(class_names) != self.num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {self.num_classes} classes")
+            raise ValueError(
+            f"{len(class_names)} class names given for a classifier with {self.num_classes} outputs; give one name per output"
+        )
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         self.train(False)
 
@@ -310,6 +313,34 @@ def imagenet_class_names() -> tuple[str, ...]:
 
     info = ImageNetInfo()
     return tuple(info.index_to_description(i) for i in range(1000))
+
+
+def read_class_names(names: Sequence[str] | str | Path | None) -> list[str] | None:
+    """Class names given as a list, or as a text file with one name per line (``None`` stays ``None``).
+
+    Raises:
+        ValueError: an empty name (a blank line inside the file), or no names at all.
+    """
+    if names is None:
+        return None
+    if isinstance(names, (str, Path)):
+        path = Path(names)
+        if not path.is_file():
+            raise FileNotFoundError(f"class names file not found: {path}")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        where = f"{path} line"
+    else:
+        if not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
+            raise TypeError(f"class names must be strings, got {list(names)[:5]!r}")
+        lines, where = [str(n).strip() for n in names], "class name"
+    if not lines:
+        raise ValueError(f"no class names in {names!r}")
+    blank = next((i for i, n in enumerate(lines) if not n), None)
+    if blank is not None:
+        raise ValueError(f"{where} {blank + 1} is empty: every class needs a name")
+    return lines
 
 
 def load_backbone(

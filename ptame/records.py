@@ -1,8 +1,10 @@
 """Explanations as rows: the data contract shared by bulk Parquet output, HTTP answers and MLflow.
 
-A row holds ``pred_class``, ``pred_label``, ``pred_score``, ``topk_classes``, ``topk_scores``,
-``saliency`` (the ``pred_class`` map, min-max normalised, quantised to uint8, row-major bytes),
-``saliency_shape``, ``width``, ``height``, ``crop_box`` and ``error`` (``None`` or why it failed).
+A row holds ``pred_class``, ``pred_label``, ``pred_score``, ``topk_classes``, ``topk_labels``,
+``topk_scores``, ``saliency`` (the map of ``saliency_class``: the requested class, else
+``pred_class``; min-max normalised, quantised to uint8, row-major bytes), ``saliency_class``,
+``saliency_label``, ``saliency_score``, ``saliency_shape``, ``width``, ``height``, ``crop_box``
+and ``error`` (``None`` or why it failed).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from PIL import Image
+
 from ptame.data import CropBox, ImageDecodeError, decode_image, preprocess
 from ptame.explainer import Explainer
 from ptame.models import Preprocessing
 
-__all__ = ["Prepared", "dequantize", "explain_prepared", "prepare_image", "quantize"]
+__all__ = ["Prepared", "dequantize", "explain_prepared", "prepare", "prepare_image", "quantize", "resolve_class"]
 
 
 def quantize(saliency: Tensor | np.ndarray) -> bytes:
@@ -55,12 +59,44 @@ def prepare_image(data: bytes, prep: Preprocessing, max_pixels: int | None = Non
         image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
     except ImageDecodeError as e:
         return Prepared(None, 0, 0, None, str(e))
+    return prepare(image, prep)
+
+
+def prepare(image: Image.Image, prep: Preprocessing) -> Prepared:
+    """A decoded image preprocessed for the model: the one step bulk, serving and the Python API share."""
     tensor, box = preprocess(image, prep)
     return Prepared(tensor, image.size[0], image.size[1], box, None)
 
 
-def explain_prepared(explainer: Explainer, items: Sequence[Prepared], topk: int = 5) -> list[dict[str, Any]]:
-    """Explain the good items in one batch; every item gets a row (bad ones with ``error`` set)."""
+def resolve_class(value: int | str, class_names: Sequence[str]) -> int:
+    """A class given as an index or a label (``"3"``, ``"tabby"``) as an index; ValueError names the choices."""
+    if isinstance(value, bool):
+        raise TypeError(f"class must be an index or a label, got {value!r}")
+    text = str(value).strip()
+    if isinstance(value, (int, np.integer)) or text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(class_names):
+            raise ValueError(f"class {index} is out of range: this model has classes 0 to {len(class_names) - 1}")
+        return index
+    if text in class_names:
+        return list(class_names).index(text)
+    folded = [i for i, name in enumerate(class_names) if name.casefold() == text.casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    shown = ", ".join(repr(n) for n in list(class_names)[:5]) + (", ..." if len(class_names) > 5 else "")
+    raise ValueError(f"unknown class {text!r}: give an index 0 to {len(class_names) - 1} or a label ({shown})")
+
+
+def explain_prepared(
+    explainer: Explainer, items: Sequence[Prepared], topk: int = 5, classes: Sequence[int | None] | None = None
+) -> list[dict[str, Any]]:
+    """Explain the good items in one batch; every item gets a row (bad ones with ``error`` set).
+
+    ``classes`` (one entry per item, ``None`` for the prediction) chooses the class each map explains;
+    the chosen maps cost a second head pass over those items only.
+    """
+    if classes is not None and len(classes) != len(items):
+        raise ValueError(f"classes has {len(classes)} entries for {len(items)} items")
     good = [i for i, it in enumerate(items) if it.error is None]
     rows: list[dict[str, Any]] = [_error_row(it) for it in items]
     if not good:
@@ -72,23 +108,42 @@ def explain_prepared(explainer: Explainer, items: Sequence[Prepared], topk: int 
     # the whole batch to the host at once: per-row reads would each wait on the GPU
     all_classes, all_scores = result.classes.cpu().tolist(), result.scores.float().cpu().tolist()
     maps = result.saliency[:, 0].float().cpu()
+    chosen = _chosen_maps(explainer, batch, [classes[i] for i in good] if classes is not None else [None] * len(good))
     names = explainer.class_names
     for j, i in enumerate(good):
-        classes, scores, sal = all_classes[j], all_scores[j], maps[j]
+        classes_j, scores, sal = all_classes[j], all_scores[j], maps[j]
+        target, target_score = int(classes_j[0]), float(scores[0])
+        if j in chosen:
+            target, target_score, sal = chosen[j]
         rows[i] = {
             "width": items[i].width,
             "height": items[i].height,
             "crop_box": list(items[i].crop_box or ()),
-            "pred_class": int(classes[0]),
-            "pred_label": names[classes[0]],
+            "pred_class": int(classes_j[0]),
+            "pred_label": names[classes_j[0]],
             "pred_score": float(scores[0]),
-            "topk_classes": [int(c) for c in classes],
+            "topk_classes": [int(c) for c in classes_j],
+            "topk_labels": [names[c] for c in classes_j],
             "topk_scores": [float(s) for s in scores],
             "saliency": quantize(sal),
+            "saliency_class": target,
+            "saliency_label": names[target],
+            "saliency_score": target_score,
             "saliency_shape": [int(sal.shape[0]), int(sal.shape[1])],
             "error": None,
         }
     return rows
+
+
+def _chosen_maps(explainer: Explainer, batch: Tensor, classes: Sequence[int | None]) -> dict[int, tuple[int, float, Tensor]]:
+    """``{position: (class, score, (h, w) map)}`` for the images of ``batch`` whose class was chosen."""
+    picked = [j for j, c in enumerate(classes) if c is not None]
+    if not picked:
+        return {}
+    result = explainer.explain(batch[picked], classes=[int(classes[j]) for j in picked])  # type: ignore[arg-type]
+    scores = result.scores[:, 0].float().cpu().tolist()
+    maps = result.saliency[:, 0].float().cpu()
+    return {j: (int(classes[j]), scores[n], maps[n]) for n, j in enumerate(picked)}  # type: ignore[arg-type]
 
 
 def _error_row(item: Prepared) -> dict[str, Any]:
@@ -100,8 +155,12 @@ def _error_row(item: Prepared) -> dict[str, Any]:
         "pred_label": None,
         "pred_score": None,
         "topk_classes": None,
+        "topk_labels": None,
         "topk_scores": None,
         "saliency": None,
+        "saliency_class": None,
+        "saliency_label": None,
+        "saliency_score": None,
         "saliency_shape": None,
         "error": item.error or "not explained",
     }

@@ -4,8 +4,9 @@
 cluster and runs one Serve application:
 
 - ``POST /explain``: an image as the raw body (``Content-Type: image/*``) or as the multipart
-  field ``file``; answers the prediction and the ``pred_class`` saliency map (``?topk=``,
-  ``?format=png`` for an overlay PNG instead of JSON);
+  field ``file``; answers the prediction and the saliency map of the predicted class, or of
+  ``?class=`` (an index or a label); ``?topk=``, ``?format=png`` for an overlay PNG instead of
+  JSON, whose ``X-Ptame-Class``, ``X-Ptame-Label`` and ``X-Ptame-Score`` headers say what it shows;
 - ``GET /healthz``, ``GET /model`` (name, version, alias, metrics), OpenAPI at ``/docs``.
 
 Concurrent requests share forward passes through ``@serve.batch``. Requests never choose a model
@@ -173,23 +174,41 @@ class ExplainerServer:
 
     # ------------------------------------------------------------------------------ requests
 
-    async def explain(self, body: bytes, topk: int | None = None, fmt: str = "json") -> dict[str, Any] | bytes:
-        """Decode, explain (batched with concurrent requests) and answer one image."""
+    async def explain(
+        self, body: bytes, topk: int | None = None, fmt: str = "json", target: str | None = None
+    ) -> dict[str, Any] | tuple[bytes, dict[str, str]]:
+        """Decode, explain (batched with concurrent requests) and answer one image.
+
+        ``target``: the class to explain (an index or a label; default the prediction). Answers the
+        JSON dict, or with ``fmt="png"`` the overlay PNG and the headers that say what it shows.
+        """
         k = min(self.settings.default_topk, self.num_classes) if topk is None else topk
         if not 1 <= k <= self.num_classes:
             raise RequestError(422, f"topk must be in [1, {self.num_classes}] for this model, got {k}")
+        chosen = self._resolve_target(target)
         loop = asyncio.get_running_loop()
         image, prepared = await loop.run_in_executor(self._decode_pool, self._decode, body)
         if fmt != "png":
             image = None  # only the overlay needs the decoded original: free it while waiting
-        row = await self.explain_batch((prepared, k))
+        row = await self.explain_batch((prepared, k, chosen))
         if image is not None:
-            return await loop.run_in_executor(self._decode_pool, _overlay_png, image, row)
+            png = await loop.run_in_executor(self._decode_pool, _overlay_png, image, row)
+            return png, _png_headers(row)
         return self._answer(row)
 
+    def _resolve_target(self, target: str | None) -> int | None:
+        from ptame.records import resolve_class
+
+        if target is None:
+            return None
+        try:
+            return resolve_class(target, self.loaded.explainer.class_names)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+
     def _decode(self, body: bytes) -> tuple[Image.Image, "Prepared"]:
-        from ptame.data import ImageDecodeError, decode_image, preprocess
-        from ptame.records import Prepared
+        from ptame.data import ImageDecodeError, decode_image
+        from ptame.records import prepare
 
         try:
             image = decode_image(body, max_pixels=self.settings.max_pixels)
@@ -200,21 +219,26 @@ class ExplainerServer:
             raise RequestError(
                 400, f"image is {width} x {height}: aspect ratio over the limit of {self.settings.max_aspect_ratio:g}"
             )
-        tensor, box = preprocess(image, self.loaded.explainer.preprocessing)
-        return image, Prepared(tensor, width, height, box, None)
+        return image, prepare(image, self.loaded.explainer.preprocessing)
 
-    async def _explain_batch(self, requests: list[tuple["Prepared", int]]) -> list[dict[str, Any]]:
+    async def _explain_batch(self, requests: list[tuple["Prepared", int, int | None]]) -> list[dict[str, Any]]:
         """``@serve.batch`` target: one forward pass for every request waiting in the queue."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_pool, self._explain_rows, requests)
 
-    def _explain_rows(self, requests: list[tuple["Prepared", int]]) -> list[dict[str, Any]]:
+    def _explain_rows(self, requests: list[tuple["Prepared", int, int | None]]) -> list[dict[str, Any]]:
         from ptame.records import explain_prepared
 
-        rows = explain_prepared(self.loaded.explainer, [p for p, _ in requests], topk=max(k for _, k in requests))
+        rows = explain_prepared(
+            self.loaded.explainer,
+            [p for p, _, _ in requests],
+            topk=max(k for _, k, _ in requests),
+            classes=[c for _, _, c in requests],
+        )
         self._batches, self._images = self._batches + 1, self._images + len(requests)
-        for row, (_, k) in zip(rows, requests):
-            row["topk_classes"], row["topk_scores"] = row["topk_classes"][:k], row["topk_scores"][:k]
+        for row, (_, k, _) in zip(rows, requests):
+            for key in ("topk_classes", "topk_labels", "topk_scores"):
+                row[key] = row[key][:k]
         return rows
 
     def _answer(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +249,11 @@ class ExplainerServer:
             "pred_label": row["pred_label"],
             "pred_score": row["pred_score"],
             "topk_classes": row["topk_classes"],
+            "topk_labels": row["topk_labels"],
             "topk_scores": row["topk_scores"],
+            "saliency_class": row["saliency_class"],
+            "saliency_label": row["saliency_label"],
+            "saliency_score": row["saliency_score"],
             "saliency_png": base64.b64encode(_map_png(row["saliency"], row["saliency_shape"])).decode("ascii"),
             "saliency_shape": row["saliency_shape"],
             "crop_box": row["crop_box"],
@@ -268,14 +296,26 @@ def _map_png(saliency: bytes, shape: list[int]) -> bytes:
     return out.getvalue()
 
 
+def _png_headers(row: dict[str, Any]) -> dict[str, str]:
+    """What an overlay PNG shows, as response headers (the label percent-encoded: headers are Latin-1)."""
+    from urllib.parse import quote
+
+    return {
+        "X-Ptame-Class": str(row["saliency_class"]),
+        "X-Ptame-Label": quote(row["saliency_label"], safe=" ,'()-_."),
+        "X-Ptame-Score": f"{row['saliency_score']:.6g}",
+    }
+
+
 def _overlay_png(image: Image.Image, row: dict[str, Any]) -> bytes:
+    """The map over the image, its label and score written in a strip below."""
     from ptame.records import dequantize
-    from ptame.viz import overlay
+    from ptame.viz import caption, describe, overlay
 
     out = io.BytesIO()
-    overlay(image, dequantize(row["saliency"], row["saliency_shape"]), tuple(row["crop_box"])).save(
-        out, format="PNG", compress_level=3
-    )
+    picture = overlay(image, dequantize(row["saliency"], row["saliency_shape"]), tuple(row["crop_box"]))
+    text = describe(row["saliency_label"], row["saliency_class"], row["saliency_score"])
+    caption(picture, text).save(out, format="PNG", compress_level=3)
     return out.getvalue()
 
 
@@ -332,7 +372,11 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         pred_label: str
         pred_score: float
         topk_classes: list[int]
+        topk_labels: list[str]
         topk_scores: list[float]
+        saliency_class: int
+        saliency_label: str
+        saliency_score: float
         saliency_png: str
         saliency_shape: list[int]
         crop_box: list[int]
@@ -373,7 +417,7 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         },
     }
     errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": Error, "description": "unreadable image or malformed body"},
+        400: {"model": Error, "description": "unreadable image, malformed body or unknown class"},
         413: {"model": Error, "description": "body over the size limit"},
         422: {"model": Error, "description": "query parameter out of range"},
         503: {"description": "overloaded: the request queue is full, retry later"},
@@ -390,12 +434,16 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         request: Request,
         topk: int | None = Query(None, ge=1, description="top-k classes to return (default: the server's)"),
         fmt: Literal["json", "png"] = Query("json", alias="format", description="png: the map over the image"),
+        target: str | None = Query(
+            None, alias="class", description="class to explain: an index or a label (default: the predicted class)"
+        ),
     ) -> Any:
-        """Explain one image: its prediction and the saliency map of the predicted class."""
+        """Explain one image: its prediction and the saliency map of the predicted (or requested) class."""
         body = await read_body(request, server.settings.max_body_bytes)
-        answer = await server.explain(body, topk, fmt)
-        if isinstance(answer, bytes):
-            return Response(answer, media_type="image/png", headers={"X-Model-URI": server.loaded.model_uri})
+        answer = await server.explain(body, topk, fmt, target)
+        if isinstance(answer, tuple):
+            png, headers = answer
+            return Response(png, media_type="image/png", headers={"X-Model-URI": server.loaded.model_uri} | headers)
         return answer
 
     @api.get("/healthz")

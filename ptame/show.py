@@ -3,7 +3,7 @@
 The explanations do not store the images; the job manifest records the input that
 ``ptame explain`` read, so each ``image_id`` is found there again (``--input`` points elsewhere
 when the images moved). Each overlay covers the ``crop_box`` of the original image that the map
-explains.
+explains; a strip below the picture names the class the map shows, its label and score.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ def _image_bytes(source: Any, wanted: set[str]) -> dict[str, bytes]:
     return found
 
 
+def _shown(row: Any) -> tuple[str, int, float]:
+    """Label, class and score of the map in ``row`` (outputs older than ``saliency_class`` show the prediction)."""
+    import pandas as pd
+
+    if pd.isna(row.saliency_class):
+        return row.pred_label, int(row.pred_class), float(row.pred_score)
+    return row.saliency_label, int(row.saliency_class), float(row.saliency_score)
+
+
 def _file_name(index: int, image_id: str) -> str:
     return f"{index:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id).strip('_')[:120]}.png"
 
@@ -65,7 +74,7 @@ def render_overlays(
     from ptame.data import decode_image
     from ptame.explanations import read_explanations, read_manifest
     from ptame.sources import resolve_source
-    from ptame.viz import overlay
+    from ptame.viz import caption, describe, overlay
 
     if not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be an int >= 1, got {limit!r}")
@@ -96,6 +105,7 @@ def render_overlays(
         picture = overlay(image, row.saliency, crop_box=tuple(int(v) for v in row.crop_box), alpha=alpha)
         if max_size:
             picture.thumbnail((max_size, max_size))
+        picture = caption(picture, describe(*_shown(row)))
         path = directory / _file_name(index, row.image_id)
         picture.save(path)
         written.append(path)

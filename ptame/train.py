@@ -68,6 +68,8 @@ class TrainConfig:
         stages: auxiliary stages to tap (default: strides 4 to 32).
         preprocessing: overrides of the backbone's :class:`Preprocessing` fields (``input_size``,
             ``resize``, ``mean``, ``std``).
+        class_names: one name per output of the classifier, stored in the saved explainer so that
+            bulk rows, HTTP answers and overlays say them (default: ImageNet names for 1000 outputs).
         epochs: passes over the data.
         max_steps: stop after this many optimiser steps (global) if set.
         batch_size: images per worker per step (the global batch is ``batch_size * num_workers``).
@@ -111,6 +113,7 @@ class TrainConfig:
     output_dir: str
     stages: list[int] | None = None
     preprocessing: dict | None = None
+    class_names: list[str] | None = None
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 32
@@ -179,6 +182,10 @@ class TrainConfig:
             LossWeights(**self.loss)
         except (TypeError, ValueError) as e:
             raise ValueError(f"TrainConfig.loss: {e}") from None
+        if self.class_names is not None and (
+            not isinstance(self.class_names, list) or not all(isinstance(n, str) and n for n in self.class_names)
+        ):
+            raise TypeError("TrainConfig.class_names must be a list of non-empty strings (see models.read_class_names)")
         if self.preprocessing is not None:
             if not isinstance(self.preprocessing, dict):
                 raise TypeError(f"TrainConfig.preprocessing must be a dict or None, got {type(self.preprocessing).__name__}")
@@ -248,13 +255,19 @@ def _data_files(data: str) -> list[tuple[str, int, int]]:
 
 
 def _resolve_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
-    """The backbone's own preprocessing with ``cfg.preprocessing`` applied; fails early on a bad URI."""
+    """The backbone's own preprocessing with ``cfg.preprocessing`` applied; fails early on a bad URI or class names."""
     from ptame.models import load_backbone
 
     try:
-        own = load_backbone(cfg.backbone, pretrained=cfg.pretrained).preprocessing
+        backbone = load_backbone(cfg.backbone, pretrained=cfg.pretrained)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         raise ValueError(f"TrainConfig.backbone {cfg.backbone!r}: {e}") from e
+    if cfg.class_names is not None and len(cfg.class_names) != backbone.num_classes:
+        raise ValueError(
+            f"TrainConfig.class_names has {len(cfg.class_names)} names but {cfg.backbone} has {backbone.num_classes} "
+            "outputs; give one name per output"
+        )
+    own = backbone.preprocessing
     merged = {**own.to_dict(), **(cfg.preprocessing or {})}
     try:
         return Preprocessing.from_dict(merged).to_dict()
@@ -477,6 +490,7 @@ def _build_explainer(cfg: TrainConfig):  # -> Explainer
     explainer = Explainer.from_uris(
         cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
         loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
+        class_names=cfg.class_names,
     )
     if cfg.head_init == "cam":
         explainer.init_head_from_classifier(cfg.cam_scale)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ptame.data import CropBox
 
-__all__ = ["colorize", "overlay", "side_by_side"]
+__all__ = ["caption", "colorize", "describe", "overlay", "side_by_side"]
 
 
 def colorize(saliency: np.ndarray, cmap: str = "jet") -> np.ndarray:
@@ -32,6 +32,24 @@ def overlay(
     heat = Image.fromarray(colorize(saliency, cmap)).resize(region.size, Image.BILINEAR)
     out = base.copy()
     out.paste(Image.blend(region, heat, alpha), (left, top))
+    return out
+
+
+def describe(label: str, class_index: int, score: float) -> str:
+    """What a map shows, in one line: ``"tabby (281) 87.3%"``."""
+    return f"{label} ({class_index}) {100 * score:.1f}%"
+
+
+def caption(image: Image.Image, text: str) -> Image.Image:
+    """``image`` with ``text`` in a white strip below it: the strip covers none of the picture."""
+    from PIL import ImageDraw, ImageFont
+
+    base = image.convert("RGB")
+    size = max(10, min(32, base.size[0] // 16))
+    font = ImageFont.load_default(size=size)
+    out = Image.new("RGB", (base.size[0], base.size[1] + size + 6), "white")
+    out.paste(base, (0, 0))
+    ImageDraw.Draw(out).text((3, base.size[1] + 3), text, fill="black", font=font)
     return out
 
 

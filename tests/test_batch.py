@@ -22,7 +22,7 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
 from PIL import Image
 
-from ptame.batch import _actor_threads, _actors, chunk_file, explain_to_parquet
+from ptame.batch import _actor_threads, _actors, _class_option, chunk_file, explain_to_parquet
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
 from ptame.records import prepare_image
@@ -104,6 +104,8 @@ def check_rows(df, explainer: Explainer, data: dict[str, bytes], bad: set[str], 
         assert tuple(row.crop_box) == prepared.crop_box
         assert row.pred_class == int(expected.classes[0, 0]) and list(row.topk_classes) == expected.classes[0].tolist()
         assert row.pred_label == explainer.class_names[row.pred_class]
+        assert list(row.topk_labels) == [explainer.class_names[c] for c in row.topk_classes]
+        assert (row.saliency_class, row.saliency_label) == (row.pred_class, row.pred_label)
         np.testing.assert_allclose(row.topk_scores, expected.scores[0].numpy(), atol=1e-5)
         assert row.saliency.shape == (16, 16)
         np.testing.assert_allclose(row.saliency, expected.saliency[0, 0].numpy(), atol=QUANT)
@@ -266,6 +268,49 @@ def test_parquet_and_path_list_inputs(tmp_path, saved_model, explainer, local_ra
     listed = {str(images / k): data[k] for k in good[:3]} | {str(tmp_path / "gone.png"): b""}
     check_rows(df, explainer, listed, {str(tmp_path / "gone.png")}, str(saved_model))
     assert "cannot read" in df.set_index("image_id").loc[str(tmp_path / "gone.png"), "error"]
+
+
+def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, explainer, local_ray) -> None:
+    data, bad = mixed_files()
+    good = sorted(k for k in data if k not in bad)[:4]
+    images = write_files(tmp_path / "images", {k: data[k] for k in good})
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(_cli("--model", str(saved_model), *args, "--address", local_ray), env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    def check(row, body: bytes, target: int | None) -> None:
+        tensor = prepare_image(body, explainer.preprocessing).tensor[None]
+        top = explainer.explain(tensor, topk=4)
+        chosen = explainer.explain(tensor, classes=target) if target is not None else top
+        assert row.pred_class == int(top.classes[0, 0]) and list(row.topk_classes) == top.classes[0].tolist()
+        assert list(row.topk_labels) == [str(c) for c in row.topk_classes]  # the tiny CNN's names are "0".."3"
+        assert row.saliency_class == int(chosen.classes[0, 0]) and row.saliency_label == str(row.saliency_class)
+        np.testing.assert_allclose(row.saliency_score, float(chosen.scores[0, 0]), atol=1e-5)
+        np.testing.assert_allclose(row.saliency, chosen.saliency[0, 0].numpy(), atol=QUANT)
+
+    run("--input", str(images), "--output", str(tmp_path / "all"), "--classes", "2")
+    df = read_explanations(str(tmp_path / "all")).set_index("image_id")
+    for k in good:
+        check(df.loc[k], data[k], 2)
+    assert read_manifest(str(tmp_path / "all"))["classes"] == 2
+
+    # per row: a Parquet column of indices or labels; null explains the prediction, a class the model lacks is an error row
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"image_id": good, "image": [data[k] for k in good], "target": ["1", None, "3", "9"]}), shard)
+    run("--input", str(shard), "--output", str(tmp_path / "rows"), "--classes", "target")
+    df = read_explanations(str(tmp_path / "rows")).set_index("image_id")
+    for k, target in zip(good[:3], (1, None, 3)):
+        check(df.loc[k], data[k], target)
+    assert "class 9 is out of range" in df.loc[good[3], "error"]
+
+    from ptame.cli import main as cli
+
+    for classes, why in (("7", "class 7 is out of range"), ("target", "names a column, but the input is image files")):
+        with pytest.raises(ValueError, match=why):
+            explain_to_parquet(str(saved_model), str(images), str(tmp_path / "no"), classes=_class_option(classes), progress=False)
+    assert cli(["explain", "--model", str(saved_model), "--input", str(shard), "--output", str(tmp_path / "no"), "--classes", "nope"]) == 1
 
 
 # --------------------------------------------------------------- refusals before any work

@@ -179,3 +179,33 @@ def test_cam_initialised_head_gives_the_class_activation_maps() -> None:
 def test_cam_init_needs_the_backbone_as_auxiliary(tiny_explainer: Explainer) -> None:
     with pytest.raises(ValueError, match="auxiliary 'backbone'"):
         tiny_explainer.init_head_from_classifier()
+
+
+def test_explain_image_agrees_with_the_bulk_and_serving_rows(tiny_explainer, tmp_path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ptame.data import ImageDecodeError
+    from ptame.records import dequantize, explain_prepared, prepare_image
+
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 90 x 60, shown rotated: 60 x 90
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    data = path.read_bytes()
+    row = explain_prepared(tiny_explainer, [prepare_image(data, tiny_explainer.preprocessing)], topk=1)[0]
+    for source in (path, str(path), data, Image.open(io.BytesIO(data))):
+        got = tiny_explainer.explain_image(source)
+        assert (got.class_index, got.label, got.crop_box, got.size) == (row["pred_class"], row["pred_label"], tuple(row["crop_box"]), (60, 90))
+        assert abs(got.score - row["pred_score"]) < 1e-6
+        np.testing.assert_allclose(got.saliency, dequantize(row["saliency"], row["saliency_shape"]), atol=0.5 / 255 + 1e-4)
+    other = (row["pred_class"] + 1) % 4
+    chosen = tiny_explainer.explain_image(data, class_=str(other))
+    assert (chosen.class_index, chosen.label) == (other, str(other))
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_explainer.explain_image(data, class_=9)
+    with pytest.raises(ImageDecodeError):
+        tiny_explainer.explain_image(b"not an image")

@@ -88,3 +88,30 @@ def test_bad_model_uris_name_the_problem(uri: str, error: type, match: str) -> N
 def test_auxiliary_needs_a_pyramid_model() -> None:
     with pytest.raises(ValueError, match="feature pyramids"):
         load_auxiliary("python:ptame.testing:tiny_cnn")
+
+
+def test_class_names_of_your_own_classifier_travel_with_the_saved_explainer(tmp_path) -> None:
+    from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
+
+    from ptame.explainer import Explainer
+    from ptame.models import read_class_names
+
+    listing = tmp_path / "classes.txt"
+    listing.write_text("red square\ngreen square\n blue square \nnothing\n\n")
+    names = read_class_names(listing)
+    assert names == ["red square", "green square", "blue square", "nothing"] == read_class_names(list(names))
+    assert read_class_names(None) is None
+    listing.write_text("red\n\ngreen\n")
+    with pytest.raises(ValueError, match="line 2 is empty"):
+        read_class_names(listing)
+    with pytest.raises(FileNotFoundError, match="class names file"):
+        read_class_names(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="3 class names given for a classifier with 4 outputs"):
+        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, class_names=names[:3])
+
+    saved = Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, class_names=names).save(tmp_path / "m")
+    loaded = Explainer.load(saved)
+    assert loaded.class_names == names  # what bulk rows, HTTP answers and overlays say
+    image = torch.rand(3, 64, 64)
+    picture = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    assert loaded.explain_image(picture, class_="Blue Square").label == "blue square"

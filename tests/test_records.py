@@ -57,3 +57,17 @@ def test_explain_prepared_reads_the_gpu_once_per_batch_not_per_row(tiny_explaine
         assert sorted(row["topk_classes"]) == sorted(cpu["topk_classes"])
         assert row["pred_score"] == pytest.approx(cpu["pred_score"], abs=1e-4)
         assert np.abs(dequantize(row["saliency"], (16, 16)) - dequantize(cpu["saliency"], (16, 16))).max() <= 1.5 / 255
+
+
+def test_resolve_class_takes_an_index_or_a_label() -> None:
+    from ptame.records import resolve_class
+
+    names = ["tabby cat", "Dog", "12", "bird"]
+    assert [resolve_class(v, names) for v in (1, "3", " 0 ", "tabby cat", "dog", "BIRD")] == [1, 3, 0, 0, 1, 3]
+    assert resolve_class("2", names) == 2  # digits are an index, even where a label looks like one
+    with pytest.raises(ValueError, match="class 4 is out of range: this model has classes 0 to 3"):
+        resolve_class(4, names)
+    with pytest.raises(ValueError, match="unknown class 'zebra'.*'tabby cat'"):
+        resolve_class("zebra", names)
+    with pytest.raises(TypeError):
+        resolve_class(True, names)

@@ -108,6 +108,8 @@ def check_answer(answer: dict, expected: Expected, topk: int) -> None:
     assert answer["pred_class"] == expected.pred_class
     assert answer["pred_label"] == str(expected.pred_class)  # the tiny CNN's class names are "0".."3"
     assert answer["topk_classes"] == expected.topk_classes[:topk]
+    assert answer["topk_labels"] == [str(c) for c in answer["topk_classes"]]
+    assert (answer["saliency_class"], answer["saliency_label"]) == (answer["pred_class"], answer["pred_label"])
     np.testing.assert_allclose(answer["topk_scores"], expected.topk_scores[:topk], atol=1e-5)
     assert answer["pred_score"] == answer["topk_scores"][0]
     diff = np.abs(saliency_of(answer).astype(int) - expected.saliency.astype(int))
@@ -126,6 +128,7 @@ class Served:
     images: list[bytes]
     expected: dict[str, list[Expected]]  # model_uri -> one Expected per image
     tracking_uri: str
+    explainers: dict[str, Explainer]  # model_uri -> the registered explainer
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,7 @@ def served(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         info = deploy(app_args)
         assert info["model_uri"] == V1
-        yield Served(f"http://127.0.0.1:{port}", app_args, images, expected, tracking_uri)
+        yield Served(f"http://127.0.0.1:{port}", app_args, images, expected, tracking_uri, explainers)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -211,15 +214,45 @@ def test_overlay_png_blends_the_crop_only(served, client) -> None:
     r = client.post("/explain", content=body, params={"format": "png"}, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-model-uri"] == serving_uri(client)
-    out = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+    shown = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
     original = np.asarray(decode_image(body)).astype(int)
-    assert out.shape == original.shape
+    out, strip = shown[: original.shape[0]], shown[original.shape[0] :]
+    assert out.shape == original.shape and strip.shape[0] >= 10  # label and score in a strip below
+    assert (strip < 128).any() and (strip == 255).mean() > 0.5  # dark text on white
+    assert r.headers["x-ptame-class"] == str(served.expected[V1][0].pred_class)
     left, top, right, bottom = served.expected[V1][0].crop_box
     inside = np.zeros(out.shape[:2], bool)
     inside[top:bottom, left:right] = True
     assert inside.sum() < inside.size  # the photo is not square: some of it lies outside the crop
     assert np.array_equal(out[~inside], original[~inside])
     assert np.abs(out[inside] - original[inside]).mean() > 5
+
+
+def test_class_query_chooses_the_map_and_bad_classes_get_400(served, client) -> None:
+    uri = serving_uri(client)
+    explainer, body, expected = served.explainers[uri], served.images[4], served.expected[uri][4]
+    target = expected.topk_classes[-1]  # the least likely class: never the predicted one
+    want = explainer.explain(prepare_image(body, explainer.preprocessing).tensor[None], classes=target)
+    want_map = np.frombuffer(quantize(want.saliency[0, 0]), np.uint8).reshape(want.saliency.shape[-2:])
+    r = client.post("/explain", content=body, params={"class": str(target)}, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["pred_class"] == expected.pred_class != target  # the prediction is still answered
+    assert (answer["saliency_class"], answer["saliency_label"]) == (target, str(target))
+    np.testing.assert_allclose(answer["saliency_score"], float(want.scores[0, 0]), atol=1e-5)
+    assert np.abs(saliency_of(answer).astype(int) - want_map.astype(int)).max() <= 1
+
+    r = client.post("/explain", content=body, params={"class": str(target), "format": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert (r.headers["x-ptame-class"], r.headers["x-ptame-label"]) == (str(target), str(target))
+    assert abs(float(r.headers["x-ptame-score"]) - float(want.scores[0, 0])) < 1e-5
+    r = client.post("/explain", content=body, params={"format": "png"})
+    assert r.headers["x-ptame-class"] == str(expected.pred_class)
+
+    for bad, why in (("4", "class 4 is out of range"), ("-1", "out of range"), ("zebra", "unknown class 'zebra'")):
+        r = client.post("/explain", content=body, params={"class": bad})
+        assert r.status_code == 400 and why in r.json()["error"], (bad, r.text)
+    assert client.get("/healthz").status_code == 200
 
 
 def test_model_health_and_docs(served, client) -> None:

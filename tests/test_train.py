@@ -302,3 +302,17 @@ def test_too_many_failures_raise(tmp_path, two_node_cluster) -> None:
     with pytest.raises(TrainingFailedError):
         train(tiny_config(tmp_path, data, max_steps=6, fail_at_step=3, max_failures=0))
     assert not (tmp_path / "explainer").exists()
+
+
+def test_class_names_must_match_the_classifier_and_reach_the_explainer(tmp_path) -> None:
+    from ptame.train import _build_explainer
+
+    ray_before = ray.is_initialized()
+    data = write_scenes(tmp_path / "data", 16, shards=1)
+    with pytest.raises(ValueError, match=r"TrainConfig\.class_names has 3 names but .* has 4 outputs"):
+        train(tiny_config(tmp_path, data, class_names=["red", "green", "blue"]))
+    with pytest.raises(TypeError, match=r"TrainConfig\.class_names"):
+        tiny_config(tmp_path, data, class_names="red,green")
+    assert ray.is_initialized() == ray_before
+    names = ["red", "green", "blue", "nothing"]
+    assert _build_explainer(tiny_config(tmp_path, data, class_names=names)).class_names == names
