@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ptame.params import MissingParamError, Params, load_params
+from ptame.params import MissingParamError, Params, UnknownParamError, check_keys, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE_KEYS = ("AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD-MoRF", "ROAD-LeRF", "GridPG", "sec_per_image")
@@ -156,6 +156,26 @@ def test_stage_with_missing_param_exits_naming_it(tmp_path) -> None:
     assert proc.returncode == 1
     assert "params.yaml: missing key 'train.batch_size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_repository_params_have_only_known_keys() -> None:
+    check_keys(load_params(ROOT / "params.yaml"))
+
+
+def test_stage_refuses_an_unknown_key_naming_the_nearest(tmp_path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["explain"]["top_k"] = params["explain"].pop("topk")
+    params["train"]["loss"]["areaa"] = 1.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/prepare.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "explain.top_k (did you mean explain.topk?)" in proc.stderr
+    assert "train.loss.areaa (did you mean train.loss.area?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "pipelines"]  # nothing done
+    with pytest.raises(UnknownParamError, match="did you mean model"):
+        check_keys(Params({"modle": {}}))
 
 
 def test_champion_moves_only_to_an_at_least_as_faithful_version(tiny_explainer, tmp_path, monkeypatch) -> None:
