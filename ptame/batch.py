@@ -81,7 +81,7 @@ def chunk_file(index: int) -> str:
 # ---------------------------------------------------------------------------------- planning
 
 
-def _pin_model(model: str) -> tuple[str, str | None]:
+def _pin_model(model: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """``(model_uri, tracking_uri)``: a registry alias resolved once to ``models:/<name>/<version>``."""
     from pathlib import Path
 
@@ -90,9 +90,9 @@ def _pin_model(model: str) -> tuple[str, str | None]:
         if not path.is_dir():
             raise FileNotFoundError(f"model {model!r} is neither a directory saved by Explainer.save nor a models:/ URI")
         return str(path.resolve()), None
-    from ptame.registry import configure, resolve_version
+    from ptame.registry import connect, resolve_version
 
-    tracking_uri = configure()  # absolute for SQLite: actors run in other working directories
+    tracking_uri = connect(tracking_uri)  # absolute for SQLite: actors run in other working directories
     name, version = resolve_version(model)
     return f"models:/{name}/{version}", tracking_uri
 
@@ -425,6 +425,7 @@ def explain_to_parquet(
     id_column: str = "image_id",
     address: str | None = None,
     progress: bool = True,
+    tracking_uri: str | None = None,
 ) -> ExplainSummary:
     """Explain every image of ``input`` into Parquet files under ``output``, exactly once.
 
@@ -446,6 +447,8 @@ def explain_to_parquet(
         image_column, id_column: columns of a Parquet input (ids default to ``<file>#<row>``).
         address: Ray cluster to use when Ray is not initialised yet.
         progress: show a progress bar.
+        tracking_uri: MLflow registry of a ``models:/`` model (default: ``MLFLOW_TRACKING_URI``, else
+            ``sqlite:///mlflow.db`` here); a SQLite file that does not exist is an error, never created.
 
     Returns:
         An :class:`ExplainSummary` of this run.
@@ -461,7 +464,7 @@ def explain_to_parquet(
     from ptame.sources import resolve_source
 
     start = time.perf_counter()
-    model_uri, tracking_uri = _pin_model(model)
+    model_uri, tracking_uri = _pin_model(model, tracking_uri)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
     fs, root = output_filesystem(output)
     previous = read_manifest(output) or {}
@@ -623,6 +626,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image", help="image-bytes column of a Parquet input (default: %(default)s)")
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI of a models:/ model (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -631,6 +635,6 @@ def main(args: argparse.Namespace) -> int:
         args.model, args.input, args.output,
         batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
         chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
-        id_column=args.id_column, address=args.address, progress=not args.no_progress,
+        id_column=args.id_column, address=args.address, progress=not args.no_progress, tracking_uri=args.tracking_uri,
     )  # fmt: skip
     return 0

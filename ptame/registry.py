@@ -25,6 +25,7 @@ __all__ = [
     "LoadedExplainer",
     "absolute_sqlite",
     "configure",
+    "connect",
     "load_explainer",
     "log_explainer",
     "parse_model_uri",
@@ -67,6 +68,27 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
             location = Path(artifact_root or "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
+    return uri
+
+
+def connect(tracking_uri: str | None = None) -> str:
+    """Point MLflow at an existing registry for reading (default: env or local SQLite); returns its URI.
+
+    Raises:
+        FileNotFoundError: the URI is a SQLite file that does not exist (MLflow would create an
+            empty registry there instead of finding the model).
+    """
+    import mlflow
+
+    uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix):]).is_file():
+        raise FileNotFoundError(
+            f"no MLflow registry at {uri}: that SQLite file does not exist; run `dvc repro` (its register stage) "
+            "here first, or point --tracking-uri / $MLFLOW_TRACKING_URI at the registry that holds the model"
+        )
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return uri
 
 
