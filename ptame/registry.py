@@ -26,9 +26,12 @@ __all__ = [
     "absolute_sqlite",
     "configure",
     "connect",
+    "explain_rows",
+    "input_example",
     "load_explainer",
     "log_explainer",
     "parse_model_uri",
+    "pyfunc_signature",
     "resolve_version",
 ]
 
@@ -133,23 +136,90 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+#: pyfunc params (``mlflow models serve``: ``{"dataframe_split": ..., "params": {"topk": 3}}``)
+PYFUNC_PARAMS: dict[str, Any] = {"topk": 5, "class": -1, "view": "crop"}
+#: the only ``view`` the pyfunc gives for now: the map covers the centre crop the classifier saw
+VIEWS = ("crop",)
+
+
+def pyfunc_signature() -> Any:
+    """Input ``image`` (binary; base64 strings in JSON), params ``topk``, ``class`` (-1: predicted), ``view``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema([
+        ParamSpec("topk", DataType.long, PYFUNC_PARAMS["topk"]),
+        ParamSpec("class", DataType.long, PYFUNC_PARAMS["class"]),
+        ParamSpec("view", DataType.string, PYFUNC_PARAMS["view"]),
+    ])  # fmt: skip
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]), params=params)
+
+
+def input_example() -> Any:
+    """A one-row DataFrame holding a small JPEG (stored by MLflow as base64 JSON)."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 48, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG")
+    return pd.DataFrame({"image": [buf.getvalue()]})
+
+
+def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None]:
+    """``(topk, class or None)`` from the pyfunc params; a wrong value is a ``ValueError`` naming it."""
+    options = {**PYFUNC_PARAMS, **(params or {})}
+    topk, chosen, view = int(options["topk"]), int(options["class"]), str(options["view"])
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    return topk, (None if chosen < 0 else chosen)
+
+
+def explain_rows(explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None) -> list[dict[str, Any]]:
+    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``explained_class``)."""
+    import torch
+
+    from ptame.records import explain_prepared, prepare_image, quantize
+
+    if chosen is not None and not 0 <= chosen < explainer.backbone.num_classes:
+        raise ValueError(f"class must be in [0, {explainer.backbone.num_classes}), got {chosen}")
+    items = [prepare_image(bytes(b), explainer.preprocessing) for b in images]
+    rows = explain_prepared(explainer, items, topk=topk)
+    good = [i for i, it in enumerate(items) if it.error is None]
+    for i in good:
+        rows[i]["explained_class"] = rows[i]["pred_class"]
+    if chosen is not None and good:
+        batch = torch.stack([items[i].tensor for i in good])  # type: ignore[misc]
+        maps = explainer.explain(batch, classes=chosen).saliency[:, 0].float()
+        for j, i in enumerate(good):
+            rows[i].update(explained_class=chosen, saliency=quantize(maps[j]))
+    return rows
+
+
 def _pyfunc_class() -> type:
     import mlflow.pyfunc
 
     class PtameModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper: a DataFrame with an ``image`` bytes column -> explanation rows."""
+        """pyfunc wrapper: a DataFrame with an ``image`` bytes column -> one explanation row (dict) per image."""
 
         def load_context(self, context: Any) -> None:
             self.explainer = Explainer.load(context.artifacts[EXPLAINER_ARTIFACT])
 
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-            import pandas as pd
+        def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001 - a hint would make MLflow infer a schema from it
+            from mlflow.exceptions import MlflowException
 
-            from ptame.records import explain_prepared, prepare_image
-
-            prep = self.explainer.preprocessing
-            items = [prepare_image(b, prep) for b in model_input["image"]]
-            return pd.DataFrame(explain_prepared(self.explainer, items, topk=int((params or {}).get("topk", 5))))
+            try:  # MlflowException: the scoring server answers 400 with the message, not a bare 500
+                topk, chosen = _pyfunc_options(params)
+                # rows as dicts: a DataFrame would turn None into NaN and ints into floats
+                return explain_rows(self.explainer, model_input["image"], topk, chosen)
+            except ValueError as e:
+                raise MlflowException.invalid_parameter_value(str(e)) from None
 
     PtameModel.__module__ = __name__
     return PtameModel
@@ -188,6 +258,8 @@ def log_explainer(
                 python_model=_pyfunc_class()(),
                 artifacts={EXPLAINER_ARTIFACT: str(directory)},
                 registered_model_name=registered_name,
+                signature=pyfunc_signature(),
+                input_example=(input_example(), {"topk": 3}),
                 pip_requirements=["ptame"],
             )
     version = str(info.registered_model_version)
