@@ -32,6 +32,7 @@ __all__ = [
     "log_explainer",
     "parse_model_uri",
     "pyfunc_signature",
+    "relative_sqlite",
     "resolve_version",
 ]
 
@@ -52,6 +53,7 @@ class LoadedExplainer:
     version: str | None = None
     alias: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    description: str | None = None
 
 
 def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifact_root: str | Path | None = None) -> str:
@@ -105,6 +107,17 @@ def absolute_sqlite(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def relative_sqlite(uri: str, root: str | Path | None = None) -> str:
+    """A SQLite URI whose file lies under ``root`` (default: the working directory) as ``sqlite:///<relative path>``."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return uri
+    path, base = Path(uri[len(prefix):]), Path(root or Path.cwd()).resolve()
+    if not path.is_absolute() or not path.resolve().is_relative_to(base):
+        return uri
+    return prefix + path.resolve().relative_to(base).as_posix()
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -231,8 +244,9 @@ def log_explainer(
     metrics: dict[str, float] | None = None,
     params: dict[str, Any] | None = None,
     artifacts: list[str | Path] | None = None,
+    description: str | None = None,
 ) -> tuple[str, str]:
-    """Log ``explainer`` (object or saved directory) in a new run and register a version.
+    """Log ``explainer`` (object or saved directory) in a new run and register a version (with ``description``).
 
     Returns:
         ``(run_id, version)``.
@@ -263,6 +277,10 @@ def log_explainer(
                 pip_requirements=["ptame"],
             )
     version = str(info.registered_model_version)
+    if description:
+        from mlflow import MlflowClient
+
+        MlflowClient().update_model_version(registered_name, version, description=description)
     logger.info("registered %s version %s (run %s)", registered_name, version, run.info.run_id)
     return run.info.run_id, version
 
@@ -294,11 +312,12 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
     pinned = f"models:/{name}/{version}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned))
     explainer = Explainer.load(local / "artifacts" / EXPLAINER_ARTIFACT, map_location)
-    run_id = MlflowClient().get_model_version(name, version).run_id
+    entry = MlflowClient().get_model_version(name, version)
+    run_id = entry.run_id
     metrics: dict[str, float] = {}
     if run_id:
         metrics = dict(MlflowClient().get_run(run_id).data.metrics)
     extra = local / "artifacts" / EXPLAINER_ARTIFACT / "metrics.json"
     if extra.is_file():
         metrics = json.loads(extra.read_text())
-    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics)
+    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics, description=entry.description or None)

@@ -178,6 +178,37 @@ def test_stage_refuses_an_unknown_key_naming_the_nearest(tmp_path) -> None:
         check_keys(Params({"modle": {}}))
 
 
+def test_register_stage_describes_the_version_and_records_relative_paths(tiny_explainer, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from ptame import registry
+
+    tiny_explainer.save(tmp_path / "models" / "explainer")
+    (tmp_path / "reports").mkdir()
+    metrics = {"ptame": {"AD@100": 12.5, "IC@100": 30.0, "ROAD-MoRF": 0.25, "n": 2}, "gradcam": {"AD@100": 20.0, "n": 2}}
+    (tmp_path / "reports/metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "reports/train.json").write_text(json.dumps({"steps": 3}))
+    (tmp_path / "reports/prepare.json").write_text(json.dumps({"train": 16, "eval": 2}))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "pipelines/register.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "reports/registered.json").read_text())
+    assert record["tracking_uri"] == "sqlite:///mlflow.db"  # under the project: relative, so it can move
+    assert json.dumps(record).count(str(tmp_path)) == 0
+    name = record["name"]
+    registry.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    entry = MlflowClient().get_model_version(name, record["version"])
+    assert not entry.source.startswith(("/", "file:"))
+    description = entry.description
+    assert "explainer of python:ptame.testing:tiny_cnn (auxiliary: builtin:efficientnet_lite0)" in description
+    assert "3 steps on 16 training images from data source 'demo'" in description
+    assert "ptame on 2 evaluation images: AD@100 12.5, IC@100 30, ROAD-MoRF 0.25" in description
+    assert "gradcam on 2 evaluation images: AD@100 20" in description
+    assert registry.load_explainer(record["model_uri"]).description == description
+
+
 def test_champion_moves_only_to_an_at_least_as_faithful_version(tiny_explainer, tmp_path, monkeypatch) -> None:
     from mlflow import MlflowClient
 
