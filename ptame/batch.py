@@ -592,7 +592,7 @@ def _run_pipeline(
         )
         images = errors = written = 0
         total = sum(len(c["ids"]) if "ids" in c else c["stop"] - c["start"] for c in pending)
-        with tqdm(total=total, unit="img", desc="explain", disable=not progress) as bar:
+        with tqdm(total=total, unit="img", desc="explain", disable=None if progress else True) as bar:
             for row in ds.iter_rows():
                 images += row["images"]
                 errors += row["errors"]

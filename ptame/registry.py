@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,12 @@ class LoadedExplainer:
     description: str | None = None
 
 
+def _no_progress_bars_in_logs() -> None:
+    """MLflow's artifact progress bars only on a terminal: in a log file every update is a line."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifact_root: str | Path | None = None) -> str:
     """Point MLflow at ``tracking_uri`` (default: env or local SQLite) and select ``experiment``.
 
@@ -64,6 +71,7 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
     """
     import mlflow
 
+    _no_progress_bars_in_logs()
     uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -85,6 +93,7 @@ def connect(tracking_uri: str | None = None) -> str:
     """
     import mlflow
 
+    _no_progress_bars_in_logs()
     uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix):]).is_file():
@@ -307,6 +316,7 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
     import mlflow
     from mlflow import MlflowClient
 
+    _no_progress_bars_in_logs()
     name, version = resolve_version(text)
     _, _, alias = parse_model_uri(text)
     pinned = f"models:/{name}/{version}"

@@ -200,7 +200,7 @@ def rise_multi(
     masks = rise_masks(num_masks, tuple(images.shape[-2:]), cells, p, generator).to(images.device)
     maps = torch.zeros(images.shape[0], classes.shape[1], *images.shape[-2:], device=images.device)
     with torch.inference_mode():
-        for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=not progress, leave=False):
+        for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=None if progress else True, leave=False):
             for start in range(0, num_masks, batch_size):
                 m = masks[start : start + batch_size]
                 probs = backbone(images[i : i + 1] * m).softmax(1)[:, classes[i]]  # (n, k)

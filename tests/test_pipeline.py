@@ -178,6 +178,23 @@ def test_stage_refuses_an_unknown_key_naming_the_nearest(tmp_path) -> None:
         check_keys(Params({"modle": {}}))
 
 
+def test_stage_logs_hold_no_progress_bars(tmp_path) -> None:
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 20, 200)).save(tmp_path / "photos" / f"{i}.png")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = "photos"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/prepare.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "reports/prepare.json").read_text())
+    assert report["train"] + report["eval"] == 3
+    assert "%|" not in proc.stderr and "\r" not in proc.stderr  # stderr is no terminal: no tqdm bar
+
+
 def test_register_stage_describes_the_version_and_records_relative_paths(tiny_explainer, tmp_path) -> None:
     from mlflow import MlflowClient
 
@@ -194,6 +211,7 @@ def test_register_stage_describes_the_version_and_records_relative_paths(tiny_ex
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run([sys.executable, "pipelines/register.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Downloading artifacts" not in proc.stderr  # no progress bars in a log file
     record = json.loads((tmp_path / "reports/registered.json").read_text())
     assert record["tracking_uri"] == "sqlite:///mlflow.db"  # under the project: relative, so it can move
     assert json.dumps(record).count(str(tmp_path)) == 0
