@@ -3,7 +3,9 @@
 Tracking and registry default to ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` under
 the working directory; ``MLFLOW_TRACKING_URI`` points elsewhere. A registered version holds the
 saved explainer (``config.json`` + ``head.safetensors``) as its ``explainer`` artifact and a
-pyfunc wrapper, so ``mlflow.pyfunc.load_model`` works too; ptame itself only reads JSON and
+pyfunc wrapper with a signature (an ``image`` binary column, base64 strings in JSON; params
+``topk``, ``class``, ``view``) and an input example, so ``mlflow.pyfunc.load_model`` and
+``mlflow models serve`` work too; ptame itself only reads JSON and
 safetensors back (:meth:`Explainer.load`), never pickles.
 """
 
@@ -217,7 +219,8 @@ def explain_rows(explainer: Explainer, images: Any, topk: int = 5, chosen: int |
     for i in good:
         rows[i]["explained_class"] = rows[i]["pred_class"]
     if chosen is not None and good:
-        batch = torch.stack([items[i].tensor for i in good])  # type: ignore[misc]
+        device = next(explainer.head.parameters()).device
+        batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
         maps = explainer.explain(batch, classes=chosen).saliency[:, 0].float()
         for j, i in enumerate(good):
             rows[i].update(explained_class=chosen, saliency=quantize(maps[j]))
