@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ptame.params import MissingParamError, Params, load_params
+from ptame.params import MissingParamError, Params, check_keys, load_params
 
 __all__ = ["main", "preprocessing"]
 
@@ -29,10 +29,12 @@ def preprocessing(params: Params):  # -> ptame.models.Preprocessing
 
 
 def main(run) -> None:  # noqa: ANN001 - run(params) -> None
-    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory; clean errors."""
+    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory (unknown keys refused); clean errors."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run(load_params(Path("params.yaml")))
+        params = load_params(Path("params.yaml"))
+        check_keys(params)
+        run(params)
     except (MissingParamError, ValueError, FileNotFoundError, LookupError) as e:
         logger.error("%s", e)
         sys.exit(1)

@@ -21,9 +21,8 @@ def run(params) -> None:
 
     record = json.loads(REGISTERED.read_text())
     tracking = params["register.tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or record["tracking_uri"]
-    os.environ["MLFLOW_TRACKING_URI"] = tracking  # the Ray actors load the model from the same registry
     x = params["explain"]
-    argv = ["explain", "--model", record["model_uri"], "--input", INPUT, "--output", OUT,
+    argv = ["explain", "--model", record["model_uri"], "--tracking-uri", tracking, "--input", INPUT, "--output", OUT,
             "--batch-size", str(x["batch_size"]), "--topk", str(x["topk"])]  # fmt: skip
     if x["concurrency"]:
         argv += ["--concurrency", str(x["concurrency"])]

@@ -22,7 +22,9 @@ def run(params) -> None:
     shard_rows = params["data.shard_rows"]
     if source == "demo":
         demo = params["data.demo"]
-        backbone = load_backbone(params["model.backbone"], pretrained=False, preprocessing=preprocessing(params))
+        backbone = load_backbone(
+            params["model.backbone"], pretrained=bool(params["model.pretrained"]), preprocessing=preprocessing(params)
+        )
         report = prepare_demo(
             OUT, backbone,
             train_images=demo["train_images"], eval_images=demo["eval_images"],

@@ -32,6 +32,7 @@ def run(params) -> None:
     cfg = TrainConfig(
         backbone=params["model.backbone"],
         auxiliary=params["model.auxiliary"],
+        pretrained=bool(params["model.pretrained"]),
         stages=params.get("model.stages", None),
         preprocessing=prep.to_dict() if prep is not None else None,
         class_names=read_class_names(params.get("model.class_names", None)),

@@ -81,7 +81,7 @@ def chunk_file(index: int) -> str:
 # ---------------------------------------------------------------------------------- planning
 
 
-def _pin_model(model: str) -> tuple[str, str | None]:
+def _pin_model(model: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """``(model_uri, tracking_uri)``: a registry alias resolved once to ``models:/<name>/<version>``."""
     from pathlib import Path
 
@@ -90,9 +90,9 @@ def _pin_model(model: str) -> tuple[str, str | None]:
         if not path.is_dir():
             raise FileNotFoundError(f"model {model!r} is neither a directory saved by Explainer.save nor a models:/ URI")
         return str(path.resolve()), None
-    from ptame.registry import configure, resolve_version
+    from ptame.registry import connect, resolve_version
 
-    tracking_uri = configure()  # absolute for SQLite: actors run in other working directories
+    tracking_uri = connect(tracking_uri)  # absolute for SQLite: actors run in other working directories
     name, version = resolve_version(model)
     return f"models:/{name}/{version}", tracking_uri
 
@@ -488,6 +488,7 @@ def explain_to_parquet(
     classes: int | str | None = None,
     address: str | None = None,
     progress: bool = True,
+    tracking_uri: str | None = None,
 ) -> ExplainSummary:
     """Explain every image of ``input`` into Parquet files under ``output``, exactly once.
 
@@ -511,6 +512,8 @@ def explain_to_parquet(
             each row's class (an index or a label; null rows and the default explain the prediction).
         address: Ray cluster to use when Ray is not initialised yet.
         progress: show a progress bar.
+        tracking_uri: MLflow registry of a ``models:/`` model (default: ``MLFLOW_TRACKING_URI``, else
+            ``sqlite:///mlflow.db`` here); a SQLite file that does not exist is an error, never created.
 
     Returns:
         An :class:`ExplainSummary` of this run.
@@ -527,7 +530,7 @@ def explain_to_parquet(
     from ptame.sources import resolve_source
 
     start = time.perf_counter()
-    model_uri, tracking_uri = _pin_model(model)
+    model_uri, tracking_uri = _pin_model(model, tracking_uri)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
     if isinstance(classes, str):
         _check_class_column(source, classes)
@@ -662,7 +665,7 @@ def _run_pipeline(
         )
         images = errors = written = 0
         total = sum(len(c["ids"]) if "ids" in c else c["stop"] - c["start"] for c in pending)
-        with tqdm(total=total, unit="img", desc="explain", disable=not progress) as bar:
+        with tqdm(total=total, unit="img", desc="explain", disable=None if progress else True) as bar:
             for row in ds.iter_rows():
                 images += row["images"]
                 errors += row["errors"]
@@ -697,6 +700,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
     parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image, or the column of a Parquet input holding each row's class index or label (default: the predicted class)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI of a models:/ model (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -711,5 +715,6 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
         chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
         id_column=args.id_column, classes=args.classes, address=args.address, progress=not args.no_progress,
+        tracking_uri=args.tracking_uri,
     )  # fmt: skip
     return 0

@@ -190,6 +190,7 @@ def register_and_promote(
     tracking_uri: str | None = None,
     experiment: str = "ptame",
     fingerprint: str | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Log the saved explainer with its metrics, register a version, promote it by the champion rule.
 
@@ -201,6 +202,7 @@ def register_and_promote(
         measure: ``"headline"`` (all headline measures) or one measure (``register.decide_by``).
         fingerprint: the evaluation fingerprint (``reports/evaluation.json``), set as the version
             tag ``eval_fingerprint``; ``None`` makes the new version incomparable to a champion.
+        description: the version's description in the registry (what it was trained on, its metrics).
 
     Returns:
         What happened: ``name``, ``version``, ``model_uri`` (pinned), ``run_id``, ``alias``,
@@ -252,7 +254,9 @@ def register_and_promote(
         bundle = Path(tmp) / "explainer"
         shutil.copytree(explainer_dir, bundle)
         (bundle / "metrics.json").write_text(json.dumps(own, indent=2))  # read back by load_explainer
-        run_id, version = log_explainer(bundle, name, metrics=logged, params=run_params, artifacts=list(artifacts))
+        run_id, version = log_explainer(
+            bundle, name, metrics=logged, params=run_params, artifacts=list(artifacts), description=description
+        )
 
     client.set_model_version_tag(name, version, "decided_by", measure)
     client.set_model_version_tag(name, version, "decision_reason", decision.reason[:5000])

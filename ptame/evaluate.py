@@ -319,7 +319,7 @@ def evaluate(
     result = Evaluation(fingerprint=fingerprint(evalset, settings), settings=settings)
     classifier = explainer.backbone
     seconds_per_image: dict[str, float] = {}
-    for name in (bar := tqdm(list(methods), desc="evaluate")):
+    for name in (bar := tqdm(list(methods), desc="evaluate", disable=None)):
         bar.set_postfix(method=name)
         options = {k: v for k, v in methods[name].items() if k != "max_images"}
         n = limits[name]

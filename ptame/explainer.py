@@ -27,6 +27,7 @@ from ptame.models import (
     classifier_weight,
     load_auxiliary,
     load_backbone,
+    warn_if_random,
 )
 
 __all__ = ["Explanation", "Explainer", "ExplainerConfig", "ImageExplanation", "check_images"]
@@ -169,6 +170,7 @@ class Explainer(nn.Module):
 
         ``auxiliary="backbone"`` taps the backbone's own feature maps instead of a second network.
         """
+        warn_if_random(backbone, pretrained)
         bb = load_backbone(backbone, pretrained=pretrained, class_names=class_names, preprocessing=preprocessing)
         if auxiliary == BACKBONE_AUX:
             aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)

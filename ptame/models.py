@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "Classifier",
     "FeaturePyramid",
     "Preprocessing",
+    "PretrainedWeightsError",
     "imagenet_class_names",
     "read_class_names",
     "load_backbone",
@@ -34,6 +36,7 @@ __all__ = [
     "classifier_weight",
     "amp_dtype",
     "probe_input",
+    "warn_if_random",
 ]
 
 #: the ``auxiliary`` URI that taps the backbone's own feature maps instead of a second network
@@ -240,12 +243,70 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
+class PretrainedWeightsError(LookupError):
+    """Pretrained weights of a ``timm:``/``torchvision:`` model are neither in the cache nor downloadable."""
+
+
+#: schemes whose weights come from a model hub (``model.pretrained`` switches them)
+HUB_SCHEMES = ("timm", "torchvision")
+
+
+def warn_if_random(uri: str, pretrained: bool) -> None:
+    """A loud warning when a hub model (``timm:``/``torchvision:``) is used with random weights."""
+    if not pretrained and _split(uri)[0] in HUB_SCHEMES:
+        logger.warning(
+            "%s has RANDOM weights (model.pretrained: false): its predictions and explanations mean nothing; "
+            "set model.pretrained: true in params.yaml for its trained weights", uri,
+        )  # fmt: skip
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_cache_only_when_offline() -> Iterator[None]:
+    """Hugging Face Hub reads only its cache when the hub is unreachable (no minute of retries)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not _reachable(constants.ENDPOINT)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _fetch_pretrained(uri: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with pretrained weights; a clear :class:`PretrainedWeightsError` when they cannot be had."""
+    try:
+        with _hub_cache_only_when_offline():
+            return build()
+    except OSError as e:  # URLError, huggingface_hub's LocalEntryNotFoundError, connection errors
+        raise PretrainedWeightsError(
+            f"{uri}: its pretrained weights could not be fetched ({type(e).__name__}: {e}); this machine may be offline. "
+            "Put them in the cache (HF_HOME for timm, TORCH_HOME for torchvision) from a connected machine, or set "
+            "model.pretrained: false in params.yaml to use random weights (meaningless explanations)"
+        ) from None
+
+
 def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return _fetch_pretrained(f"timm:{name}", lambda: timm.create_model(name, pretrained=True, **kwargs))
 
 
 def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
@@ -255,7 +316,9 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
         builder = torchvision.models.get_model_builder(name)
     except ValueError as e:
         raise ValueError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())") from e
-    return builder(weights="DEFAULT" if pretrained else None)
+    if not pretrained:
+        return builder(weights=None)
+    return _fetch_pretrained(f"torchvision:{name}", lambda: builder(weights="DEFAULT"))
 
 
 def _python_model(ref: str) -> nn.Module:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MissingParamError", "Params", "load_params"]
+__all__ = ["KNOWN_KEYS", "MissingParamError", "Params", "UnknownParamError", "check_keys", "load_params"]
 
 _MISSING = object()
 
@@ -20,6 +20,80 @@ class MissingParamError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownParamError(ValueError):
+    """The params file holds a key the pipeline does not know (a typo); the message names the nearest one."""
+
+
+#: a section whose keys are the user's own (method names, preprocessing overrides)
+OPEN = "open"
+#: every key of ``params.yaml``: a mapping is a section, ``None`` any value, :data:`OPEN` any sub-keys
+KNOWN_KEYS: dict[str, Any] = {
+    "model": {"backbone": None, "pretrained": None, "auxiliary": None, "stages": None, "preprocessing": OPEN, "class_names": None},
+    "data": {
+        "source": None, "eval_fraction": None, "split_seed": None, "max_images": None, "shard_rows": None,
+        "demo": dict.fromkeys(("train_images", "grid_fraction", "eval_images", "image_size", "seed", "eval_seed", "min_score")),
+    },
+    "train": {
+        **dict.fromkeys((
+            "epochs", "max_steps", "batch_size", "lr", "weight_decay", "head_init", "cam_scale", "augment", "num_workers",
+            "cpus_per_worker", "cache_gb", "use_gpu", "amp", "storage_path", "run_name", "checkpoint_every",
+            "max_failures", "seed", "ray_address", "log_every",
+        )),
+        "loss": dict.fromkeys(("ce", "area", "tv", "area_power", "tv_power", "tv_border", "deletion", "deletion_power", "fill")),
+    },
+    "evaluate": {
+        "seed": None, "max_images": None, "batch_size": None, "methods": OPEN,
+        "road": dict.fromkeys(("percentages", "imputer", "noise_std", "seed")),
+        "bootstrap": dict.fromkeys(("resamples", "seed")),
+        "gallery": dict.fromkeys(("images", "methods")),
+    },
+    "register": dict.fromkeys(("name", "alias", "decide_by", "tracking_uri", "experiment")),
+    "explain": dict.fromkeys(("batch_size", "concurrency", "topk", "use_gpu")),
+}  # fmt: skip
+
+
+def _known_paths(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema``, sections included."""
+    out: list[str] = []
+    for key, sub in schema.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out.append(path)
+        if isinstance(sub, Mapping):
+            out += _known_paths(sub, path)
+    return out
+
+
+def _unknown(data: Mapping[str, Any], schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of ``data`` that ``schema`` does not know."""
+    out: list[str] = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            out.append(path)
+        elif isinstance(schema[key], Mapping) and isinstance(value, Mapping):
+            out += _unknown(value, schema[key], path)
+    return out
+
+
+def _suggestion(path: str, known: list[str]) -> str:
+    """`` (did you mean explain.topk?)`` for the nearest known key, or nothing."""
+    import difflib
+
+    parent = path.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    match = difflib.get_close_matches(path, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(path, known, n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def check_keys(params: "Params", schema: Mapping[str, Any] = KNOWN_KEYS) -> None:
+    """Raise :class:`UnknownParamError` naming each unknown key of ``params`` and its nearest known key."""
+    unknown = _unknown(params._data, schema)
+    if unknown:
+        known = _known_paths(schema)
+        lines = [f"{k}{_suggestion(k, known)}" for k in unknown]
+        raise UnknownParamError(f"{params.source}: unknown key{'s' if len(lines) > 1 else ''} " + "; ".join(lines))
 
 
 class Params:

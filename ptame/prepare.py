@@ -160,7 +160,7 @@ def prepare_demo(
     train_rows = (
         _row(image_id, encode(im), "train", "demo:" + "+".join(names), im.size, None, None)
         for image_id, im, names in tqdm(
-            demo.train_images(pics, train_images, seed, grid_fraction, image_size), total=train_images, desc="prepare train"
+            demo.train_images(pics, train_images, seed, grid_fraction, image_size), total=train_images, desc="prepare train", disable=None
         )
     )
     n_train = write_shards(train_rows, out / "train", shard_rows)
@@ -231,7 +231,7 @@ def prepare_source(
     items: Iterator[tuple[str, bytes | None, str | None]] = iter_image_bytes(source)
     total = len(source) if source.kind == "files" else None
     with ShardWriter(out / "train", shard_rows) as train, ShardWriter(out / "eval", shard_rows) as evals:
-        for image_id, data, error in tqdm(items, total=total, desc="prepare"):
+        for image_id, data, error in tqdm(items, total=total, desc="prepare", disable=None):
             if max_images is not None and report.train + report.eval >= max_images:
                 break
             if error is None:

@@ -3,7 +3,9 @@
 Tracking and registry default to ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` under
 the working directory; ``MLFLOW_TRACKING_URI`` points elsewhere. A registered version holds the
 saved explainer (``config.json`` + ``head.safetensors``) as its ``explainer`` artifact and a
-pyfunc wrapper, so ``mlflow.pyfunc.load_model`` works too; ptame itself only reads JSON and
+pyfunc wrapper with a signature (an ``image`` binary column, base64 strings in JSON; params
+``topk``, ``class``, ``view``) and an input example, so ``mlflow.pyfunc.load_model`` and
+``mlflow models serve`` work too; ptame itself only reads JSON and
 safetensors back (:meth:`Explainer.load`), never pickles.
 """
 
@@ -13,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +28,14 @@ __all__ = [
     "LoadedExplainer",
     "absolute_sqlite",
     "configure",
+    "connect",
+    "explain_rows",
+    "input_example",
     "load_explainer",
     "log_explainer",
     "parse_model_uri",
+    "pyfunc_signature",
+    "relative_sqlite",
     "resolve_version",
 ]
 
@@ -48,6 +56,13 @@ class LoadedExplainer:
     version: str | None = None
     alias: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    description: str | None = None
+
+
+def _no_progress_bars_in_logs() -> None:
+    """MLflow's artifact progress bars only on a terminal: in a log file every update is a line."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifact_root: str | Path | None = None) -> str:
@@ -58,6 +73,7 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
     """
     import mlflow
 
+    _no_progress_bars_in_logs()
     uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -67,6 +83,28 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
             location = Path(artifact_root or "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
+    return uri
+
+
+def connect(tracking_uri: str | None = None) -> str:
+    """Point MLflow at an existing registry for reading (default: env or local SQLite); returns its URI.
+
+    Raises:
+        FileNotFoundError: the URI is a SQLite file that does not exist (MLflow would create an
+            empty registry there instead of finding the model).
+    """
+    import mlflow
+
+    _no_progress_bars_in_logs()
+    uri = absolute_sqlite(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix):]).is_file():
+        raise FileNotFoundError(
+            f"no MLflow registry at {uri}: that SQLite file does not exist; run `dvc repro` (its register stage) "
+            "here first, or point --tracking-uri / $MLFLOW_TRACKING_URI at the registry that holds the model"
+        )
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return uri
 
 
@@ -80,6 +118,17 @@ def absolute_sqlite(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def relative_sqlite(uri: str, root: str | Path | None = None) -> str:
+    """A SQLite URI whose file lies under ``root`` (default: the working directory) as ``sqlite:///<relative path>``."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return uri
+    path, base = Path(uri[len(prefix):]), Path(root or Path.cwd()).resolve()
+    if not path.is_absolute() or not path.resolve().is_relative_to(base):
+        return uri
+    return prefix + path.resolve().relative_to(base).as_posix()
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -111,23 +160,91 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+#: pyfunc params (``mlflow models serve``: ``{"dataframe_split": ..., "params": {"topk": 3}}``)
+PYFUNC_PARAMS: dict[str, Any] = {"topk": 5, "class": -1, "view": "crop"}
+#: the only ``view`` the pyfunc gives for now: the map covers the centre crop the classifier saw
+VIEWS = ("crop",)
+
+
+def pyfunc_signature() -> Any:
+    """Input ``image`` (binary; base64 strings in JSON), params ``topk``, ``class`` (-1: predicted), ``view``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema([
+        ParamSpec("topk", DataType.long, PYFUNC_PARAMS["topk"]),
+        ParamSpec("class", DataType.long, PYFUNC_PARAMS["class"]),
+        ParamSpec("view", DataType.string, PYFUNC_PARAMS["view"]),
+    ])  # fmt: skip
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]), params=params)
+
+
+def input_example() -> Any:
+    """A one-row DataFrame holding a small JPEG (stored by MLflow as base64 JSON)."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 48, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG")
+    return pd.DataFrame({"image": [buf.getvalue()]})
+
+
+def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None]:
+    """``(topk, class or None)`` from the pyfunc params; a wrong value is a ``ValueError`` naming it."""
+    options = {**PYFUNC_PARAMS, **(params or {})}
+    topk, chosen, view = int(options["topk"]), int(options["class"]), str(options["view"])
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    return topk, (None if chosen < 0 else chosen)
+
+
+def explain_rows(explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None) -> list[dict[str, Any]]:
+    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``explained_class``)."""
+    import torch
+
+    from ptame.records import explain_prepared, prepare_image, quantize
+
+    if chosen is not None and not 0 <= chosen < explainer.backbone.num_classes:
+        raise ValueError(f"class must be in [0, {explainer.backbone.num_classes}), got {chosen}")
+    items = [prepare_image(bytes(b), explainer.preprocessing) for b in images]
+    rows = explain_prepared(explainer, items, topk=topk)
+    good = [i for i, it in enumerate(items) if it.error is None]
+    for i in good:
+        rows[i]["explained_class"] = rows[i]["pred_class"]
+    if chosen is not None and good:
+        device = next(explainer.head.parameters()).device
+        batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
+        maps = explainer.explain(batch, classes=chosen).saliency[:, 0].float()
+        for j, i in enumerate(good):
+            rows[i].update(explained_class=chosen, saliency=quantize(maps[j]))
+    return rows
+
+
 def _pyfunc_class() -> type:
     import mlflow.pyfunc
 
     class PtameModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper: a DataFrame with an ``image`` bytes column -> explanation rows."""
+        """pyfunc wrapper: a DataFrame with an ``image`` bytes column -> one explanation row (dict) per image."""
 
         def load_context(self, context: Any) -> None:
             self.explainer = Explainer.load(context.artifacts[EXPLAINER_ARTIFACT])
 
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-            import pandas as pd
+        def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001 - a hint would make MLflow infer a schema from it
+            from mlflow.exceptions import MlflowException
 
-            from ptame.records import explain_prepared, prepare_image
-
-            prep = self.explainer.preprocessing
-            items = [prepare_image(b, prep) for b in model_input["image"]]
-            return pd.DataFrame(explain_prepared(self.explainer, items, topk=int((params or {}).get("topk", 5))))
+            try:  # MlflowException: the scoring server answers 400 with the message, not a bare 500
+                topk, chosen = _pyfunc_options(params)
+                # rows as dicts: a DataFrame would turn None into NaN and ints into floats
+                return explain_rows(self.explainer, model_input["image"], topk, chosen)
+            except ValueError as e:
+                raise MlflowException.invalid_parameter_value(str(e)) from None
 
     PtameModel.__module__ = __name__
     return PtameModel
@@ -139,8 +256,9 @@ def log_explainer(
     metrics: dict[str, float] | None = None,
     params: dict[str, Any] | None = None,
     artifacts: list[str | Path] | None = None,
+    description: str | None = None,
 ) -> tuple[str, str]:
-    """Log ``explainer`` (object or saved directory) in a new run and register a version.
+    """Log ``explainer`` (object or saved directory) in a new run and register a version (with ``description``).
 
     Returns:
         ``(run_id, version)``.
@@ -166,9 +284,15 @@ def log_explainer(
                 python_model=_pyfunc_class()(),
                 artifacts={EXPLAINER_ARTIFACT: str(directory)},
                 registered_model_name=registered_name,
+                signature=pyfunc_signature(),
+                input_example=(input_example(), {"topk": 3}),
                 pip_requirements=["ptame"],
             )
     version = str(info.registered_model_version)
+    if description:
+        from mlflow import MlflowClient
+
+        MlflowClient().update_model_version(registered_name, version, description=description)
     logger.info("registered %s version %s (run %s)", registered_name, version, run.info.run_id)
     return run.info.run_id, version
 
@@ -195,16 +319,18 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
     import mlflow
     from mlflow import MlflowClient
 
+    _no_progress_bars_in_logs()
     name, version = resolve_version(text)
     _, _, alias = parse_model_uri(text)
     pinned = f"models:/{name}/{version}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned))
     explainer = Explainer.load(local / "artifacts" / EXPLAINER_ARTIFACT, map_location)
-    run_id = MlflowClient().get_model_version(name, version).run_id
+    entry = MlflowClient().get_model_version(name, version)
+    run_id = entry.run_id
     metrics: dict[str, float] = {}
     if run_id:
         metrics = dict(MlflowClient().get_run(run_id).data.metrics)
     extra = local / "artifacts" / EXPLAINER_ARTIFACT / "metrics.json"
     if extra.is_file():
         metrics = json.loads(extra.read_text())
-    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics)
+    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics, description=entry.description or None)

@@ -204,7 +204,7 @@ def rise_multi(
     maps = torch.zeros(images.shape[0], classes.shape[1], *images.shape[-2:], device=images.device)
     autocast = torch.autocast(images.device.type, dtype=amp_dtype(images.device), enabled=amp)
     with torch.inference_mode():
-        for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=not progress, leave=False):
+        for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=None if progress else True, leave=False):
             for start in range(0, num_masks, batch_size):
                 m = masks[start : start + batch_size]
                 with autocast:

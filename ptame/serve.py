@@ -271,6 +271,7 @@ class ExplainerServer:
             "name": loaded.name,
             "version": loaded.version,
             "alias": loaded.alias,
+            "description": loaded.description,
             "metrics": loaded.metrics,
             "backbone": explainer.backbone.uri,
             "auxiliary": explainer.auxiliary.uri,

@@ -332,6 +332,29 @@ def test_refuses_foreign_output_and_bad_arguments(tmp_path, saved_model) -> None
     assert not (tmp_path / "o").exists()
 
 
+def _cli_explain(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    argv = [sys.executable, "-m", "ptame.cli", "explain", "--input", "images", "--output", "out", *extra]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_explain_never_creates_a_registry(tmp_path, saved_model) -> None:
+    from ptame import registry
+
+    (tmp_path / "images").mkdir()
+    proc = _cli_explain(tmp_path, "--model", "models:/tiny@champion")
+    assert proc.returncode == 1 and "no MLflow registry at sqlite:///" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli_explain(tmp_path, "--model", "models:/tiny@champion", "--tracking-uri", "sqlite:///elsewhere.db")
+    assert proc.returncode == 1 and "elsewhere.db: that SQLite file does not exist" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no mlflow.db, no mlartifacts, no output
+
+    registry.configure(f"sqlite:///{tmp_path / 'reg' / 'r.db'}", artifact_root=tmp_path / "reg" / "artifacts")
+    registry.log_explainer(saved_model, "tiny")
+    proc = _cli_explain(tmp_path, "--model", "models:/tiny@nobody", "--tracking-uri", "sqlite:///reg/r.db")
+    assert proc.returncode == 1 and f"not in the registry at sqlite:///{tmp_path / 'reg' / 'r.db'}" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_explain_actors_leave_a_cpu_to_decode() -> None:
     assert _actors({"CPU": 2.0}, None, False) == 1 and _actors({"CPU": 16.0}, None, False) == 8
     assert _actors({"CPU": 16.0, "GPU": 4.0}, None, True) == 4

@@ -115,3 +115,39 @@ def test_class_names_of_your_own_classifier_travel_with_the_saved_explainer(tmp_
     image = torch.rand(3, 64, 64)
     picture = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
     assert loaded.explain_image(picture, class_="Blue Square").label == "blue square"
+
+
+def test_offline_pretrained_weights_fail_fast_naming_the_model_and_the_switch(tmp_path, monkeypatch) -> None:
+    import urllib.error
+
+    from huggingface_hub import constants
+
+    from ptame import models
+    from ptame.models import PretrainedWeightsError
+
+    offline_before = constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(models, "_reachable", lambda url, timeout=3.0: False)  # the hub is down: its cache only
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(PretrainedWeightsError, match=r"^timm:resnet18: .*model.pretrained: false in params.yaml"):
+        load_backbone("timm:resnet18", pretrained=True)
+    assert constants.HF_HUB_OFFLINE == offline_before  # restored
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(PretrainedWeightsError, match=r"^torchvision:resnet18: .*URLError.*model.pretrained: false"):
+        load_backbone("torchvision:resnet18", pretrained=True)
+
+
+def test_random_weights_are_announced_loudly(caplog) -> None:
+    from ptame.explainer import Explainer
+
+    with caplog.at_level("WARNING", logger="ptame.models"):
+        Explainer.from_uris("torchvision:resnet18", "backbone", pretrained=False)
+    assert "torchvision:resnet18 has RANDOM weights" in caplog.text and "model.pretrained: true" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ptame.models"):
+        Explainer.from_uris("python:ptame.testing:tiny_cnn", "backbone")
+    assert "RANDOM" not in caplog.text

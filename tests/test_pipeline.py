@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ptame.params import MissingParamError, Params, load_params
+from ptame.params import MissingParamError, Params, UnknownParamError, check_keys, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE_KEYS = ("AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD-MoRF", "ROAD-LeRF", "GridPG", "sec_per_image")
@@ -156,6 +156,75 @@ def test_stage_with_missing_param_exits_naming_it(tmp_path) -> None:
     assert proc.returncode == 1
     assert "params.yaml: missing key 'train.batch_size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_repository_params_have_only_known_keys() -> None:
+    check_keys(load_params(ROOT / "params.yaml"))
+
+
+def test_stage_refuses_an_unknown_key_naming_the_nearest(tmp_path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["explain"]["top_k"] = params["explain"].pop("topk")
+    params["train"]["loss"]["areaa"] = 1.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/prepare.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "explain.top_k (did you mean explain.topk?)" in proc.stderr
+    assert "train.loss.areaa (did you mean train.loss.area?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "pipelines"]  # nothing done
+    with pytest.raises(UnknownParamError, match="did you mean model"):
+        check_keys(Params({"modle": {}}))
+
+
+def test_stage_logs_hold_no_progress_bars(tmp_path) -> None:
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 20, 200)).save(tmp_path / "photos" / f"{i}.png")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = "photos"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/prepare.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "reports/prepare.json").read_text())
+    assert report["train"] + report["eval"] == 3
+    assert "%|" not in proc.stderr and "\r" not in proc.stderr  # stderr is no terminal: no tqdm bar
+
+
+def test_register_stage_describes_the_version_and_records_relative_paths(tiny_explainer, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from ptame import registry
+
+    tiny_explainer.save(tmp_path / "models" / "explainer")
+    (tmp_path / "reports").mkdir()
+    metrics = {"ptame": {"AD@100": 12.5, "IC@100": 30.0, "ROAD-MoRF": 0.25, "n": 2}, "gradcam": {"AD@100": 20.0, "n": 2}}
+    (tmp_path / "reports/metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "reports/train.json").write_text(json.dumps({"steps": 3}))
+    (tmp_path / "reports/prepare.json").write_text(json.dumps({"train": 16, "eval": 2}))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "pipelines/register.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Downloading artifacts" not in proc.stderr  # no progress bars in a log file
+    record = json.loads((tmp_path / "reports/registered.json").read_text())
+    assert record["tracking_uri"] == "sqlite:///mlflow.db"  # under the project: relative, so it can move
+    assert json.dumps(record).count(str(tmp_path)) == 0
+    name = record["name"]
+    registry.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    entry = MlflowClient().get_model_version(name, record["version"])
+    assert not entry.source.startswith(("/", "file:"))
+    description = entry.description
+    assert "explainer of python:ptame.testing:tiny_cnn (auxiliary: builtin:efficientnet_lite0)" in description
+    assert "3 steps on 16 training images from data source 'demo'" in description
+    assert "ptame on 2 evaluation images: AD@100 12.5, IC@100 30, ROAD-MoRF 0.25" in description
+    assert "gradcam on 2 evaluation images: AD@100 20" in description
+    assert registry.load_explainer(record["model_uri"]).description == description
 
 
 def test_champion_moves_only_to_an_at_least_as_faithful_version(tiny_explainer, tmp_path, monkeypatch) -> None:

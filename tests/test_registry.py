@@ -35,3 +35,80 @@ def test_unknown_registry_references_say_so(mlflow_dir) -> None:
         registry.parse_model_uri("models:/a/b/c")
     with pytest.raises(FileNotFoundError, match="neither"):
         registry.load_explainer(mlflow_dir / "missing")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_pyfunc_signature_and_mlflow_models_serve(tiny_explainer, mlflow_dir) -> None:
+    import base64
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+    import numpy as np
+
+    from ptame.records import dequantize
+
+    registry.log_explainer(tiny_explainer, "tiny")
+    info = mlflow.models.get_model_info("models:/tiny/1")
+    assert [c.name for c in info.signature.inputs.inputs] == ["image"]
+    assert {p.name: p.default for p in info.signature.params.params} == {"topk": 5, "class": -1, "view": "crop"}
+    jpeg = registry.input_example()["image"][0]
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.absolute_sqlite("sqlite:///mlflow.db")}
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny/1", "--env-manager", "local",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    server = subprocess.Popen(argv, cwd=mlflow_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited: {server.stderr.read().decode()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
+            time.sleep(1)
+        image = base64.b64encode(jpeg).decode()
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image], ["bm90IGFuIGltYWdl"]]}, "params": {"topk": 3}})
+        assert status == 200, answer
+        good, bad = answer["predictions"]
+        assert len(good["topk_classes"]) == 3 and good["explained_class"] == good["pred_class"] and good["error"] is None
+        assert bad["error"] and bad["saliency"] is None
+        saliency = dequantize(base64.b64decode(good["saliency"]), good["saliency_shape"])
+        assert saliency.shape == tuple(good["saliency_shape"]) and 0 <= saliency.min() <= saliency.max() <= 1
+        chosen = (good["pred_class"] + 1) % tiny_explainer.backbone.num_classes
+        status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"class": chosen}})
+        assert status == 200 and answer["predictions"][0]["explained_class"] == chosen
+        assert not np.array_equal(dequantize(base64.b64decode(answer["predictions"][0]["saliency"]), good["saliency_shape"]), saliency)
+        status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"view": "full"}})
+        assert status >= 400 and "view must be one of ['crop']" in answer["message"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -147,7 +147,7 @@ def served(tmp_path_factory):
     for uri, seed in ((V1, 0), (V2, 1)):
         torch.manual_seed(seed)
         explainer = Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP)
-        _, version = registry.log_explainer(explainer, NAME, metrics={"AD@100": 10.0 + seed})
+        _, version = registry.log_explainer(explainer, NAME, metrics={"AD@100": 10.0 + seed}, description=f"head seed {seed}")
         assert f"models:/{NAME}/{version}" == uri
         explainers[uri] = explainer
     MlflowClient().set_registered_model_alias(NAME, "champion", "1")
@@ -261,6 +261,7 @@ def test_model_health_and_docs(served, client) -> None:
     assert info["name"] == NAME and info["alias"] == "champion" and info["model"] == f"models:/{NAME}@champion"
     assert info["model_uri"] == f"models:/{NAME}/{info['version']}"
     assert info["metrics"]["AD_at_100"] == 10.0 + int(info["version"]) - 1
+    assert info["description"] == f"head seed {int(info['version']) - 1}"
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) >= {"/explain", "/healthz", "/model"}
