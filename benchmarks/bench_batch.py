@@ -1,7 +1,8 @@
 """Bulk explanation: ``ptame explain`` (Ray Data) against a plain single-process PyTorch loop.
 
 All explain the same JPEGs (random crops of the embedded default's photos, 300-640 px) with the
-same model (the embedded default: EfficientNet-Lite2 backbone, EfficientNet-Lite0 auxiliary, an
+same model (the embedded default: EfficientNet-Lite2 backbone read by the head through its own feature
+maps, ``--auxiliary backbone``; ``builtin:efficientnet_lite0`` is the paper's second network; an
 untrained head: speed does not depend on its weights) and the same batch size, in one run, round
 robin, so all see the same machine load. The plain loop reads, decodes, preprocesses and explains
 (`ptame.records`) batch after batch, once with torch's default threads and once with one thread.
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=32, help="images per Parquet file in the Ray job")
     parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--auxiliary", default="backbone", help="the head's feature source (default: %(default)s, as params.yaml)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (the plain loop uses torch's default threads)")
     parser.add_argument("--repeats", type=int, default=1, help="round-robin repetitions; medians are reported")
     parser.add_argument("--gpu-images-per-s", type=float, default=1000.0, help="ASSUMED explain throughput of one GPU, for the projection")
@@ -93,7 +95,7 @@ def main() -> None:
         root = Path(tmp)
         paths = write_sample_jpegs(root / "images", args.images)
         torch.manual_seed(0)
-        explainer = Explainer.from_uris("builtin:efficientnet_lite2", "builtin:efficientnet_lite0")
+        explainer = Explainer.from_uris("builtin:efficientnet_lite2", args.auxiliary)
         model = explainer.save(root / "model")
         threads = torch.get_num_threads()
         plain_loop(explainer, paths[: args.batch_size], args.batch_size, args.topk, threads)  # warm-up
