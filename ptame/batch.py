@@ -454,14 +454,6 @@ def _check_class_column(source: Any, column: str) -> None:
             raise ValueError(f"{path} has no class column {column!r} (columns: {names})")
 
 
-def _check_class_index(model_uri: str, index: int) -> None:
-    """Refuse a class the model lacks before the job's manifest is written."""
-    from ptame.records import resolve_class
-    from ptame.registry import load_explainer
-
-    resolve_class(index, load_explainer(model_uri).explainer.class_names)
-
-
 def _check_positive(**values: int | None) -> None:
     for name, value in values.items():
         if value is None:
@@ -527,15 +519,19 @@ def explain_to_parquet(
     _check_positive(batch_size=batch_size, concurrency=concurrency, topk=topk, chunk_size=chunk_size, max_pixels=max_pixels)
     _check_classes(classes)
     from ptame.explanations import read_manifest
+    from ptame.records import resolve_class
+    from ptame.registry import load_explainer
     from ptame.sources import resolve_source
 
     start = time.perf_counter()
     model_uri, tracking_uri = _pin_model(model, tracking_uri)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
+    # loaded once here: a broken model fails now, with its own message, not inside an actor
+    explainer = load_explainer(model_uri).explainer
     if isinstance(classes, str):
         _check_class_column(source, classes)
     elif classes is not None:
-        _check_class_index(model_uri, classes)
+        resolve_class(classes, explainer.class_names)  # a class the model lacks: refused before the manifest
     fs, root = output_filesystem(output)
     previous = read_manifest(output) or {}
     size = chunk_size or previous.get("chunk_size") or DEFAULT_CHUNK_SIZE
@@ -571,7 +567,7 @@ def explain_to_parquet(
     for name in filter(_TEMPORARY.match, _names(fs, root)):
         fs.rm(f"{root}/{name}")  # left by a killed run: never a finished chunk
     images, errors, written = _run_pipeline(
-        pending, source, model_uri, tracking_uri, output,
+        pending, source, model_uri, tracking_uri, output, explainer.preprocessing.to_dict(),
         chunk_size=size, batch_size=batch_size, concurrency=concurrency, topk=topk, use_gpu=use_gpu,
         max_pixels=max_pixels, classes=classes, address=address, progress=progress,
     )  # fmt: skip
@@ -594,6 +590,7 @@ def _run_pipeline(
     model_uri: str,
     tracking_uri: str | None,
     output: str,
+    preprocessing: dict[str, Any],
     *,
     chunk_size: int,
     batch_size: int,
@@ -609,10 +606,6 @@ def _run_pipeline(
     import ray
     from tqdm.auto import tqdm
 
-    from ptame.registry import load_explainer
-
-    # loaded once here too: a broken model fails now, with its own message, not inside an actor
-    preprocessing = load_explainer(model_uri).explainer.preprocessing.to_dict()
     started = not ray.is_initialized()
     if started:
         # the design's rule: an explicit address, else RAY_ADDRESS, else a new local Ray (never

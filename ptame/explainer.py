@@ -47,11 +47,13 @@ class Explanation:
         saliency: ``(B, k, h, w)`` maps in ``[0, 1]`` at the head's native resolution.
         classes: ``(B, k)`` class indices explained (top-k predictions unless requested).
         scores: ``(B, k)`` backbone softmax probabilities of those classes.
+        probs: ``(B, K)`` the backbone's softmax over all classes (top-k lists come from it).
     """
 
     saliency: Tensor
     classes: Tensor
     scores: Tensor
+    probs: Tensor
 
 
 @dataclass(frozen=True)
@@ -304,9 +306,9 @@ class Explainer(nn.Module):
         if cls_t.dim() != 2 or cls_t.shape[0] != probs.shape[0]:
             raise ValueError(f"classes must be an int, (B,) or (B, k); got shape {tuple(cls_t.shape)}")
         lo, hi = torch.stack(torch.aminmax(cls_t)).tolist()  # one host sync
-        if lo < 0 or hi >= probs.shape[1]:
-            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}], got {lo}..{hi}")
-        return cls_t
+        if lo < -1 or hi >= probs.shape[1]:
+            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}] (-1: the prediction), got {lo}..{hi}")
+        return torch.where(cls_t < 0, probs.argmax(1, keepdim=True), cls_t) if lo < 0 else cls_t
 
     def explain(
         self, images: Tensor, classes: Tensor | Sequence[int] | int | None = None, topk: int = 1
@@ -315,7 +317,8 @@ class Explainer(nn.Module):
 
         Args:
             images: ``(B, 3, H, W)`` in ``[0, 1]``.
-            classes: an int (same class for all), ``(B,)`` one class per image, or ``(B, k)``.
+            classes: an int (same class for all), ``(B,)`` one class per image, or ``(B, k)``;
+                ``-1`` stands for the image's predicted class.
             topk: how many top predictions to explain when ``classes`` is ``None``.
 
         Returns:
@@ -329,7 +332,7 @@ class Explainer(nn.Module):
             maps = self.head(features, chosen)
             # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
             # the raw logits lifts the background (see the learning test's notes)
-            return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen))
+            return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen), probs)
 
     def explain_image(self, image: str | Path | bytes | Any, class_: int | str | None = None) -> ImageExplanation:
         """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default the prediction).

@@ -128,8 +128,9 @@ class Classifier(nn.Module):
         self.uri = uri
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(
-            f"{len(class_names)} class names given for a classifier with {self.num_classes} outputs; give one name per output"
-        )
+                f"{len(class_names)} class names given for a classifier with {self.num_classes} outputs; "
+                "give one name per output"
+            )
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         self.train(False)
 

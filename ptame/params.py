@@ -7,8 +7,11 @@ with ``params.yaml: missing key 'train.batch_size'`` instead of a bare ``KeyErro
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from ptame.losses import LossWeights
 
 __all__ = ["KNOWN_KEYS", "MissingParamError", "Params", "UnknownParamError", "check_keys", "load_params"]
 
@@ -41,7 +44,7 @@ KNOWN_KEYS: dict[str, Any] = {
             "cpus_per_worker", "cache_gb", "use_gpu", "amp", "storage_path", "run_name", "checkpoint_every",
             "max_failures", "seed", "ray_address", "log_every",
         )),
-        "loss": dict.fromkeys(("ce", "area", "tv", "area_power", "tv_power", "tv_border", "deletion", "deletion_power", "fill")),
+        "loss": dict.fromkeys(f.name for f in fields(LossWeights)),  # whatever the loss accepts
     },
     "evaluate": {
         "seed": None, "max_images": None, "batch_size": None, "methods": OPEN,

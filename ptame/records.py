@@ -93,7 +93,7 @@ def explain_prepared(
     """Explain the good items in one batch; every item gets a row (bad ones with ``error`` set).
 
     ``classes`` (one entry per item, ``None`` for the prediction) chooses the class each map explains;
-    the chosen maps cost a second head pass over those items only.
+    one backbone pass and one map per image either way.
     """
     if classes is not None and len(classes) != len(items):
         raise ValueError(f"classes has {len(classes)} entries for {len(items)} items")
@@ -104,17 +104,17 @@ def explain_prepared(
     device = next(explainer.head.parameters()).device
     batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
     k = min(topk, explainer.backbone.num_classes)
-    result = explainer.explain(batch, topk=k)
+    wanted = [-1 if classes is None or classes[i] is None else int(classes[i]) for i in good]  # -1: the prediction
+    result = explainer.explain(batch, classes=torch.tensor(wanted, device=device))  # one map per image
+    top = result.probs.topk(k, dim=1)
     # the whole batch to the host at once: per-row reads would each wait on the GPU
-    all_classes, all_scores = result.classes.cpu().tolist(), result.scores.float().cpu().tolist()
+    all_classes, all_scores = top.indices.cpu().tolist(), top.values.float().cpu().tolist()
+    targets, target_scores = result.classes[:, 0].cpu().tolist(), result.scores[:, 0].float().cpu().tolist()
     maps = result.saliency[:, 0].float().cpu()
-    chosen = _chosen_maps(explainer, batch, [classes[i] for i in good] if classes is not None else [None] * len(good))
     names = explainer.class_names
     for j, i in enumerate(good):
         classes_j, scores, sal = all_classes[j], all_scores[j], maps[j]
-        target, target_score = int(classes_j[0]), float(scores[0])
-        if j in chosen:
-            target, target_score, sal = chosen[j]
+        target, target_score = int(targets[j]), float(target_scores[j])
         rows[i] = {
             "width": items[i].width,
             "height": items[i].height,
@@ -133,17 +133,6 @@ def explain_prepared(
             "error": None,
         }
     return rows
-
-
-def _chosen_maps(explainer: Explainer, batch: Tensor, classes: Sequence[int | None]) -> dict[int, tuple[int, float, Tensor]]:
-    """``{position: (class, score, (h, w) map)}`` for the images of ``batch`` whose class was chosen."""
-    picked = [j for j, c in enumerate(classes) if c is not None]
-    if not picked:
-        return {}
-    result = explainer.explain(batch[picked], classes=[int(classes[j]) for j in picked])  # type: ignore[arg-type]
-    scores = result.scores[:, 0].float().cpu().tolist()
-    maps = result.saliency[:, 0].float().cpu()
-    return {j: (int(classes[j]), scores[n], maps[n]) for n, j in enumerate(picked)}  # type: ignore[arg-type]
 
 
 def _error_row(item: Prepared) -> dict[str, Any]:

@@ -206,25 +206,13 @@ def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None]:
 
 
 def explain_rows(explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None) -> list[dict[str, Any]]:
-    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``explained_class``)."""
-    import torch
-
-    from ptame.records import explain_prepared, prepare_image, quantize
+    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``)."""
+    from ptame.records import explain_prepared, prepare_image
 
     if chosen is not None and not 0 <= chosen < explainer.backbone.num_classes:
         raise ValueError(f"class must be in [0, {explainer.backbone.num_classes}), got {chosen}")
     items = [prepare_image(bytes(b), explainer.preprocessing) for b in images]
-    rows = explain_prepared(explainer, items, topk=topk)
-    good = [i for i, it in enumerate(items) if it.error is None]
-    for i in good:
-        rows[i]["explained_class"] = rows[i]["pred_class"]
-    if chosen is not None and good:
-        device = next(explainer.head.parameters()).device
-        batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
-        maps = explainer.explain(batch, classes=chosen).saliency[:, 0].float()
-        for j, i in enumerate(good):
-            rows[i].update(explained_class=chosen, saliency=quantize(maps[j]))
-    return rows
+    return explain_prepared(explainer, items, topk=topk, classes=[chosen] * len(items))
 
 
 def _pyfunc_class() -> type:

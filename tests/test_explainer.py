@@ -51,6 +51,15 @@ def test_explain_requested_classes(tiny_explainer: Explainer) -> None:
     torch.testing.assert_close(single.saliency[:, 0], both.saliency[:, 1])
     with pytest.raises(ValueError, match="classes must be in"):
         tiny_explainer.explain(images, classes=9)
+    with pytest.raises(ValueError, match="classes must be in"):
+        tiny_explainer.explain(images, classes=-2)
+    # -1 stands for the prediction: one pass explains chosen and predicted classes side by side
+    mixed = tiny_explainer.explain(images, classes=torch.tensor([-1, 2]))
+    predicted = both.probs.argmax(1)
+    assert mixed.classes[:, 0].tolist() == [int(predicted[0]), 2]
+    torch.testing.assert_close(mixed.saliency[1, 0], single.saliency[1, 0])
+    torch.testing.assert_close(mixed.saliency[0, 0], tiny_explainer.explain(images).saliency[0, 0])
+    torch.testing.assert_close(mixed.probs, tiny_explainer.backbone(images).softmax(1))
 
 
 def test_explain_restores_mode_when_it_fails(tiny_explainer: Explainer) -> None:

@@ -99,13 +99,13 @@ def test_pyfunc_signature_and_mlflow_models_serve(tiny_explainer, mlflow_dir) ->
         status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image], ["bm90IGFuIGltYWdl"]]}, "params": {"topk": 3}})
         assert status == 200, answer
         good, bad = answer["predictions"]
-        assert len(good["topk_classes"]) == 3 and good["explained_class"] == good["pred_class"] and good["error"] is None
+        assert len(good["topk_classes"]) == 3 and good["saliency_class"] == good["pred_class"] and good["error"] is None
         assert bad["error"] and bad["saliency"] is None
         saliency = dequantize(base64.b64decode(good["saliency"]), good["saliency_shape"])
         assert saliency.shape == tuple(good["saliency_shape"]) and 0 <= saliency.min() <= saliency.max() <= 1
         chosen = (good["pred_class"] + 1) % tiny_explainer.backbone.num_classes
         status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"class": chosen}})
-        assert status == 200 and answer["predictions"][0]["explained_class"] == chosen
+        assert status == 200 and answer["predictions"][0]["saliency_class"] == chosen
         assert not np.array_equal(dequantize(base64.b64decode(answer["predictions"][0]["saliency"]), good["saliency_shape"]), saliency)
         status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"view": "full"}})
         assert status >= 400 and "view must be one of ['crop']" in answer["message"]
