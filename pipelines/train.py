@@ -25,7 +25,10 @@ TRAIN_KEYS = (
 
 def run(params) -> None:
     from ptame.models import read_class_names
+    from ptame.params import check_class_names_file
     from ptame.train import TrainConfig, train
+
+    check_class_names_file(params.get("model.class_names", None))  # dvc.yaml tracks classes/ only
 
     t = params["train"]
     prep = params.get("model.preprocessing")

@@ -13,7 +13,10 @@ from typing import Any
 
 from ptame.losses import LossWeights
 
-__all__ = ["KNOWN_KEYS", "MissingParamError", "Params", "UnknownParamError", "check_keys", "load_params"]
+__all__ = [
+    "CLASS_NAMES_DIR", "KNOWN_KEYS", "MissingParamError", "Params", "UnknownParamError", "check_class_names_file",
+    "check_keys", "load_params",
+]  # fmt: skip
 
 _MISSING = object()
 
@@ -55,6 +58,24 @@ KNOWN_KEYS: dict[str, Any] = {
     "register": dict.fromkeys(("name", "alias", "decide_by", "tracking_uri", "experiment")),
     "explain": dict.fromkeys(("batch_size", "concurrency", "topk", "use_gpu")),
 }  # fmt: skip
+
+
+#: the folder ``dvc.yaml`` lists as a dependency of ``train``: ``model.class_names`` files live there
+CLASS_NAMES_DIR = "classes"
+
+
+def check_class_names_file(value: Any, root: str | Path = ".") -> None:
+    """Refuse a ``model.class_names`` file outside ``<root>/classes/``: DVC would not rerun train when it changes."""
+    if not isinstance(value, (str, Path)):
+        return  # a list in params.yaml (a tracked param) or null
+    folder = (Path(root) / CLASS_NAMES_DIR).resolve()
+    path = (Path(root) / value).resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(
+            f"params.yaml: model.class_names {str(value)!r} lies outside {CLASS_NAMES_DIR}/, the folder dvc.yaml lists "
+            f"as a dependency of train; move the file to {CLASS_NAMES_DIR}/ and set model.class_names: "
+            f"{CLASS_NAMES_DIR}/{Path(value).name} so that editing it reruns training"
+        )
 
 
 def _known_paths(schema: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -79,11 +79,28 @@ def configure(tracking_uri: str | None = None, experiment: str = "ptame", artifa
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        if _is_local_store(uri):
             location = Path(artifact_root or "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+    found = mlflow.set_experiment(experiment)
+    _check_shared_artifacts(uri, found.artifact_location)
     return uri
+
+
+def _is_local_store(uri: str) -> bool:
+    """A tracking or artifact URI that only this machine reads (SQLite file, ``file:``, a plain path)."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri and not uri.startswith("mlflow-artifacts:")
+
+
+def _check_shared_artifacts(tracking_uri: str, artifact_location: str) -> None:
+    """Warn when a remote registry files artifacts on this machine's disk: other nodes could not load them."""
+    if artifact_location and not _is_local_store(tracking_uri) and _is_local_store(artifact_location):
+        logger.warning(
+            "the registry at %s keeps artifacts in %s, a file path: other nodes load these versions only if it "
+            "is shared storage mounted at the same place. For a cluster, start the server with `mlflow server "
+            "--serve-artifacts --artifacts-destination <dir or s3://...>` (and use a new experiment name)",
+            tracking_uri, artifact_location,
+        )
 
 
 def connect(tracking_uri: str | None = None) -> str:

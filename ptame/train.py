@@ -63,7 +63,9 @@ class TrainConfig:
         backbone: URI of the classifier to explain, e.g. ``"builtin:efficientnet_lite2"``.
         auxiliary: URI of the auxiliary feature pyramid, e.g. ``"builtin:efficientnet_lite0"``.
         data: prepared Parquet dataset (file or folder, local path or URI) with a binary
-            ``image`` column of encoded PNG/JPEG bytes (and usually ``image_id``).
+            ``image`` column of encoded PNG/JPEG bytes (and usually ``image_id``); or any other
+            ``data.source`` of params.yaml (image folder, glob, ``.txt`` list), prepared once with
+            :func:`ptame.prepare.prepare_source` under ``storage_path`` (every image trains).
         output_dir: where the trained explainer is written with :meth:`Explainer.save`.
         stages: auxiliary stages to tap (default: strides 4 to 32).
         preprocessing: overrides of the backbone's :class:`Preprocessing` fields (``input_size``,
@@ -254,6 +256,46 @@ def _data_files(data: str) -> list[tuple[str, int, int]]:
     return files
 
 
+def _training_data(cfg: TrainConfig) -> str:
+    """``cfg.data`` as Parquet: Parquet files as they are; images (folder, glob, ``.txt`` list) prepared once.
+
+    Other sources go through :func:`ptame.prepare.prepare_source` (what ``dvc repro``'s prepare stage
+    runs, with every image for training) into ``<storage_path>/prepared/<key>``; the key hashes the
+    source's files (names, sizes, modification times), so a rerun reuses the shards and resumes.
+    """
+    from ptame.prepare import prepare_source
+    from ptame.sources import PARQUET_SUFFIXES, resolve_source
+
+    data = cfg.data
+    if not any(ch in data for ch in "*?[") and not data.endswith(".txt"):
+        if all(path.endswith(PARQUET_SUFFIXES) for path, _, _ in _data_files(data)):
+            return data
+    try:
+        source = resolve_source(data, image_column=cfg.image_column)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"TrainConfig.data: {e}; fix the path") from None
+    if _is_uri(cfg.storage_path):
+        raise ValueError(
+            f"TrainConfig.data {data!r} is not Parquet and storage_path is a URI: prepare the images first with "
+            f"ptame.prepare.prepare_source({data!r}, out_dir, eval_fraction=0.0) and pass data=out_dir + '/train'"
+        )
+    listing = []
+    for path in source.paths:
+        info = source.filesystem.info(path)
+        listing.append((path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")))
+    key = hashlib.sha256(json.dumps([data, source.image_column, listing], default=str).encode()).hexdigest()[:10]
+    out = Path(cfg.storage_path) / "prepared" / key
+    if (out / "report.json").is_file():
+        logger.info("TrainConfig.data %s: reusing its prepared shards in %s", data, out)
+    else:
+        logger.info("TrainConfig.data %s is not Parquet: preparing it into %s (ptame.prepare.prepare_source)", data, out)
+        staging = out.with_name(f".{key}-{os.getpid()}")
+        report = prepare_source(data, staging, eval_fraction=0.0)
+        (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        os.replace(staging, out)
+    return str(out / "train")
+
+
 def _resolve_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
     """The backbone's own preprocessing with ``cfg.preprocessing`` applied; fails early on a bad URI or class names."""
     from ptame.models import load_backbone
@@ -307,7 +349,9 @@ def _inspect(cfg: TrainConfig) -> tuple[int, list[str]]:
 
 
 def _train_total_steps(rows: int, cfg: TrainConfig) -> tuple[int, int]:
-    """``(steps per epoch, total steps)``: every worker takes the same number of full batches."""
+    """``(steps per epoch, total steps)``: every worker takes the same number of full batches.
+
+    Training stops at whichever of ``epochs`` / ``max_steps`` comes first; the log says which and how many."""
     per_epoch = rows // (cfg.batch_size * cfg.num_workers)
     if per_epoch == 0:
         raise ValueError(
@@ -315,7 +359,12 @@ def _train_total_steps(rows: int, cfg: TrainConfig) -> tuple[int, int]:
             f"{cfg.batch_size * cfg.num_workers}; lower batch_size or num_workers"
         )
     total = per_epoch * cfg.epochs
-    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+    if cfg.max_steps and cfg.max_steps < total:
+        logger.info("training %d steps (max_steps; %d epochs would be %d)", cfg.max_steps, cfg.epochs, total)
+        return per_epoch, cfg.max_steps
+    limit = "no max_steps" if not cfg.max_steps else f"max_steps {cfg.max_steps} " + ("not reached" if cfg.max_steps > total else "too")
+    logger.info("training %d epochs of %d steps = %d steps (epochs; %s)", cfg.epochs, per_epoch, total, limit)
+    return per_epoch, total
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -333,6 +382,7 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.perf_counter()
     cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
                   output_dir=str(Path(config.output_dir).expanduser().resolve()))
+    cfg = replace(cfg, data=_training_data(cfg))
     files = _data_files(cfg.data)
     rows, names = _inspect(cfg)
     per_epoch, total = _train_total_steps(rows, cfg)

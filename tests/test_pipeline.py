@@ -39,7 +39,7 @@ def _project_copy(dst: Path, params: dict) -> Path:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(ROOT / ".dvc", dst / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    for folder in ("pipelines", "ptame"):  # ptame/: the stages' code dependencies (imports use the installed ptame)
+    for folder in ("pipelines", "ptame", "classes"):  # ptame/: code dependencies (imports use the installed ptame)
         shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst
@@ -156,6 +156,27 @@ def test_stage_with_missing_param_exits_naming_it(tmp_path) -> None:
     assert proc.returncode == 1
     assert "params.yaml: missing key 'train.batch_size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_class_names_files_are_a_dependency_of_train(tmp_path) -> None:
+    """``model.class_names`` files live in classes/, which dvc.yaml's train stage depends on; others are refused."""
+    from ptame.params import CLASS_NAMES_DIR, check_class_names_file
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert CLASS_NAMES_DIR in stages["train"]["deps"] and (ROOT / CLASS_NAMES_DIR).is_dir()
+    assert "model" in stages["train"]["params"]  # a list of names in params.yaml is a tracked param
+    for ok in (None, ["cat", "dog"], "classes/birds.txt", "./classes/sub/x.txt"):
+        check_class_names_file(ok, tmp_path)
+    with pytest.raises(ValueError, match=r"outside classes/.*model.class_names: classes/names.txt"):
+        check_class_names_file("data/names.txt", tmp_path)
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["class_names"] = "names.txt"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    proc = subprocess.run([sys.executable, "pipelines/train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "lies outside classes/" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_repository_params_have_only_known_keys() -> None:

@@ -112,3 +112,151 @@ def test_pyfunc_signature_and_mlflow_models_serve(tiny_explainer, mlflow_dir) ->
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _wait_for(url: str, proc, log, seconds: float, what: str) -> None:  # noqa: ANN001 - Popen, Path
+    """Poll ``url`` until it answers 200; fail with the log tail if ``proc`` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
+def _stop(proc, sig: int = 15) -> None:  # noqa: ANN001 - Popen
+    """Stop ``proc`` (and its process group) with ``sig``, killing it if it lingers."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_cluster_path_through_a_tracking_server(tiny_explainer, tmp_path, monkeypatch) -> None:
+    """register -> ``ptame explain`` -> ``ptame serve`` against ``mlflow server --serve-artifacts``:
+    every artifact goes through the server, the project folder gets no mlflow.db and no mlartifacts."""
+    import base64
+    import io
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from ptame.explanations import read_explanations
+    from ptame.testing import object_scenes
+
+    server_dir, project = tmp_path / "server", tmp_path / "project"
+    server_dir.mkdir()
+    (project / "images").mkdir(parents=True)
+    scenes, _, _ = object_scenes(3, size=72, seed=3)
+    bodies = []
+    for i, scene in enumerate(scenes):
+        buf = io.BytesIO()
+        Image.fromarray((scene.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(buf, "PNG")
+        (project / "images" / f"scene{i}.png").write_bytes(buf.getvalue())
+        bodies.append(buf.getvalue())
+
+    port = _free_port()
+    tracking = f"http://127.0.0.1:{port}"
+    log = server_dir / "server.log"
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--serve-artifacts", "--backend-store-uri", f"sqlite:///{server_dir / 'backend.db'}",
+            "--artifacts-destination", str(server_dir / "artifacts")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")}
+    env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # restored after the test (MLflow sets both)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(project)
+    server = subprocess.Popen(argv, cwd=server_dir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    serving = None
+    try:
+        _wait_for(f"{tracking}/health", server, log, 180, "mlflow server")
+
+        # register (this process), then pin the alias
+        assert registry.configure(tracking) == tracking
+        _, version = registry.log_explainer(tiny_explainer, "tiny", metrics={"AD@100": 3.0})
+        MlflowClient().set_registered_model_alias("tiny", "champion", version)
+        assert mlflow.get_experiment_by_name("ptame").artifact_location.startswith("mlflow-artifacts:")
+        assert any((server_dir / "artifacts").rglob("head.safetensors"))  # the server holds the artifacts
+
+        # bulk explanation in its own process and Ray
+        cli = [sys.executable, "-m", "ptame.cli"]
+        done = subprocess.run([*cli, "explain", "--model", "models:/tiny@champion", "--tracking-uri", tracking,
+                               "--input", "images", "--output", "out", "--no-progress"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        df = read_explanations(str(project / "out"))
+        assert sorted(df["image_id"]) == ["scene0.png", "scene1.png", "scene2.png"]
+        assert set(df["model_uri"]) == {f"models:/tiny/{version}"} and df["error"].isna().all()
+
+        # serving over HTTP, the replica loading the version from the server
+        http_port, serve_log = _free_port(), project.parent / "serve.log"
+        serving = subprocess.Popen([*cli, "serve", "--model", "models:/tiny@champion", "--tracking-uri", tracking,
+                                    "--port", str(http_port), "--address", "local"],
+                                   cwd=project, env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{http_port}"
+        _wait_for(f"{url}/healthz", serving, serve_log, 300, "ptame serve")
+        status, answer = _post_image(f"{url}/explain", bodies[1])
+        assert status == 200, answer
+        want = tiny_explainer.explain(_prepared(bodies[1], tiny_explainer), topk=1)
+        assert answer["model_uri"] == f"models:/tiny/{version}" and answer["pred_class"] == int(want.classes[0, 0])
+        assert base64.b64decode(answer["saliency_png"]).startswith(b"\x89PNG")
+        _stop(serving, signal.SIGINT)
+        assert serving.returncode == 0, serve_log.read_text()[-3000:]
+    finally:
+        if serving is not None:
+            _stop(serving)
+        _stop(server)
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+    assert sorted(p.name for p in project.iterdir()) == ["images", "out"]
+
+
+def _post_image(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, body, {"Content-Type": "image/png"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _prepared(body: bytes, explainer) -> torch.Tensor:  # noqa: ANN001 - Explainer
+    from ptame.records import prepare_image
+
+    return prepare_image(body, explainer.preprocessing).tensor[None]
+
+
+def test_remote_registry_with_local_artifacts_warns(caplog) -> None:
+    with caplog.at_level("WARNING", logger="ptame.registry"):
+        registry._check_shared_artifacts("http://head:5000", "mlflow-artifacts:/1")
+        registry._check_shared_artifacts("sqlite:////tmp/mlflow.db", "file:///tmp/mlartifacts")
+        assert not caplog.records
+        registry._check_shared_artifacts("http://head:5000", "/home/me/mlruns/1")
+    assert "--serve-artifacts" in caplog.text and "/home/me/mlruns/1" in caplog.text

@@ -316,3 +316,52 @@ def test_class_names_must_match_the_classifier_and_reach_the_explainer(tmp_path)
     assert ray.is_initialized() == ray_before
     names = ["red", "green", "blue", "nothing"]
     assert _build_explainer(tiny_config(tmp_path, data, class_names=names)).class_names == names
+
+
+# --------------------------------------------------------------------------- data sources, steps (no Ray)
+
+
+def test_image_folder_glob_and_list_are_prepared_once(tmp_path) -> None:
+    """``data`` may be any ``data.source``: images are prepared into Parquet under storage_path, once."""
+    from ptame.train import _data_files, _inspect, _training_data
+
+    images, _, _ = object_scenes(6, seed=5)
+    folder = tmp_path / "my_images"
+    (folder / "cats").mkdir(parents=True)
+    for i, im in enumerate(images):
+        (folder / ("cats" if i % 2 else "") / f"img{i}.png").write_bytes(png(im))
+    (folder / "notes.txt").write_text("not an image")  # left out with a warning, as prepare does
+    (tmp_path / "list.txt").write_text("\n".join(str(p) for p in sorted(folder.rglob("*.png"))[:4]))
+
+    cfg = tiny_config(tmp_path, folder)
+    prepared = _training_data(cfg)
+    assert Path(prepared).parent.parent == tmp_path / "ray_results" / "prepared"
+    rows, names = _inspect(replace(cfg, data=prepared))
+    assert rows == 6 and {"image_id", "image"} <= set(names)
+    stamps = _data_files(prepared)
+    assert _training_data(cfg) == prepared and _data_files(prepared) == stamps  # reused: a rerun resumes
+    assert _inspect(replace(cfg, data=_training_data(replace(cfg, data=str(folder / "*.png")))))[0] == 3
+    assert _inspect(replace(cfg, data=_training_data(replace(cfg, data=str(tmp_path / "list.txt")))))[0] == 4
+    parquet = write_scenes(tmp_path / "shards", 4)
+    assert _training_data(replace(cfg, data=str(parquet))) == str(parquet)  # Parquet is read as it is
+    (folder / "img0.png").write_bytes(png(images[1]))  # a changed source is prepared anew
+    assert _training_data(cfg) != prepared
+    with pytest.raises(ValueError, match=r"prepare_source\("):
+        _training_data(replace(cfg, storage_path="s3://bucket/runs"))
+
+
+def test_log_says_whether_epochs_or_max_steps_limit(tmp_path, caplog) -> None:
+    from ptame.train import _train_total_steps
+
+    cfg = tiny_config(tmp_path, tmp_path, batch_size=16, epochs=10, max_steps=200)
+    with caplog.at_level("INFO", logger="ptame.train"):
+        assert _train_total_steps(1200, cfg) == (75, 200)
+    assert "training 200 steps (max_steps; 10 epochs would be 750)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ptame.train"):
+        assert _train_total_steps(1200, replace(cfg, epochs=2)) == (75, 150)
+    assert "training 2 epochs of 75 steps = 150 steps (epochs; max_steps 200 not reached)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ptame.train"):
+        assert _train_total_steps(1200, replace(cfg, epochs=2, max_steps=None)) == (75, 150)
+    assert "(epochs; no max_steps)" in caplog.text
