@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptame.head import AttentionHead, minmax_normalize
+from ptame.head import AttentionHead, minmax_normalize, smooth_maps
 from ptame.losses import LossWeights, ptame_loss
 from ptame.models import (
     BACKBONE_AUX,
@@ -88,6 +88,7 @@ class ExplainerConfig:
     preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
     class_names: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
+    smoothing: float = 0.0
     format_version: int = FORMAT_VERSION
 
 
@@ -136,6 +137,8 @@ class Explainer(nn.Module):
             own feature maps (:class:`~ptame.models.BackboneTaps`, one forward pass for both).
         head: the attention head (a fresh one sized from the auxiliary when ``None``).
         loss_weights: loss weights for :meth:`training_step`.
+        smoothing: std, in map pixels, of a Gaussian blur of the maps before min-max in
+            :meth:`explain` (``0``: none, the paper); training never blurs.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Explainer(nn.Module):
         auxiliary: FeaturePyramid | BackboneTaps,
         head: AttentionHead | None = None,
         loss_weights: LossWeights | None = None,
+        smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -154,6 +158,9 @@ class Explainer(nn.Module):
         if list(self.head.channels) != list(auxiliary.channels):
             raise ValueError(f"head expects channels {self.head.channels}, auxiliary gives {auxiliary.channels}")
         self.loss_weights = loss_weights or LossWeights()
+        if not smoothing >= 0:
+            raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
+        self.smoothing = float(smoothing)
         self.stages: list[int] | None = None
         self.pretrained = False
 
@@ -167,6 +174,7 @@ class Explainer(nn.Module):
         loss_weights: LossWeights | None = None,
         class_names: Sequence[str] | None = None,
         preprocessing: Preprocessing | None = None,
+        smoothing: float = 0.0,
     ) -> Explainer:
         """Build an untrained explainer from model URIs (see :mod:`ptame.models`).
 
@@ -178,7 +186,7 @@ class Explainer(nn.Module):
             aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)
         else:
             aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
-        explainer = cls(bb, aux, loss_weights=loss_weights)
+        explainer = cls(bb, aux, loss_weights=loss_weights, smoothing=smoothing)
         explainer.stages = list(stages) if stages is not None else None
         explainer.pretrained = pretrained
         return explainer
@@ -322,7 +330,8 @@ class Explainer(nn.Module):
             topk: how many top predictions to explain when ``classes`` is ``None``.
 
         Returns:
-            An :class:`Explanation` with ``(B, k, h, w)`` maps: sigmoid, then per-map min-max.
+            An :class:`Explanation` with ``(B, k, h, w)`` maps: sigmoid, blur (``smoothing``), then
+            per-map min-max.
         """
         check_images(images)
         with _eval_mode(self.head), torch.inference_mode():
@@ -332,7 +341,8 @@ class Explainer(nn.Module):
             maps = self.head(features, chosen)
             # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
             # the raw logits lifts the background (see the learning test's notes)
-            return Explanation(minmax_normalize(torch.sigmoid(maps.float())), chosen, probs.gather(1, chosen), probs)
+            saliency = minmax_normalize(smooth_maps(torch.sigmoid(maps.float()), self.smoothing))
+            return Explanation(saliency, chosen, probs.gather(1, chosen), probs)
 
     def explain_image(self, image: str | Path | bytes | Any, class_: int | str | None = None) -> ImageExplanation:
         """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default the prediction).
@@ -370,6 +380,7 @@ class Explainer(nn.Module):
             preprocessing=self.preprocessing.to_dict(),
             class_names=list(self.class_names),
             loss=asdict(self.loss_weights),
+            smoothing=self.smoothing,
         )
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -409,6 +420,7 @@ class Explainer(nn.Module):
             loss_weights=LossWeights(**cfg.loss),
             class_names=cfg.class_names or None,
             preprocessing=Preprocessing.from_dict(cfg.preprocessing),
+            smoothing=cfg.smoothing,
         )
         if explainer.head.channels != cfg.channels:
             raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")

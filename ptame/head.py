@@ -7,13 +7,15 @@ bilinear x2 steps to the finest tapped resolution, the results are concatenated 
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttentionHead", "StageBlock", "minmax_normalize"]
+__all__ = ["AttentionHead", "StageBlock", "minmax_normalize", "smooth_maps"]
 
 
 class StageBlock(nn.Module):
@@ -109,3 +111,21 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     hi = flat.max(-1, keepdim=True).values
     out = (flat - lo) / (hi - lo).clamp_min(eps)
     return out.view_as(maps)
+
+
+def smooth_maps(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``(..., h, w)`` maps with std ``sigma`` map pixels (``0``: unchanged).
+
+    A sharp map orders its near-zero background arbitrarily; blurring ranks it by closeness to the
+    salient regions, so the least relevant pixels are the far ones (what ROAD's LeRF removes first).
+    """
+    if sigma <= 0:
+        return maps
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    h, w = maps.shape[-2:]
+    radius = min(math.ceil(3 * sigma), h - 1, w - 1)  # reflect padding needs radius < size
+    if radius < 1:
+        return maps
+    k = 2 * radius + 1
+    return gaussian_blur(maps.reshape(-1, 1, h, w), [k, k], [sigma, sigma]).view_as(maps)

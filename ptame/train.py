@@ -102,6 +102,8 @@ class TrainConfig:
             activation maps (needs ``auxiliary="backbone"``; see
             :meth:`~ptame.explainer.Explainer.init_head_from_classifier`).
         cam_scale: scale of the classifier weights in the ``"cam"`` initialisation.
+        smoothing: the saved explainer's map blur (std in map pixels; see
+            :class:`~ptame.explainer.Explainer`); does not change training.
         cache_gb: decoded training images are kept in each worker's memory (decoded once, then
             cropped per step) when its shard fits in this many GiB; otherwise Ray Data streams
             and decodes them again every epoch.
@@ -140,6 +142,7 @@ class TrainConfig:
     resume: bool = True
     head_init: str = "random"
     cam_scale: float = 0.2
+    smoothing: float = 0.0
     cache_gb: float = 2.0
     fail_at_step: int | None = None
 
@@ -540,7 +543,7 @@ def _build_explainer(cfg: TrainConfig):  # -> Explainer
     explainer = Explainer.from_uris(
         cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
         loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
-        class_names=cfg.class_names,
+        class_names=cfg.class_names, smoothing=cfg.smoothing,
     )
     if cfg.head_init == "cam":
         explainer.init_head_from_classifier(cfg.cam_scale)

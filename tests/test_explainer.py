@@ -218,3 +218,38 @@ def test_explain_image_agrees_with_the_bulk_and_serving_rows(tiny_explainer, tmp
         tiny_explainer.explain_image(data, class_=9)
     with pytest.raises(ImageDecodeError):
         tiny_explainer.explain_image(b"not an image")
+
+
+def test_smoothing_ranks_the_background_by_closeness_to_the_salient_region() -> None:
+    from ptame.head import smooth_maps
+
+    maps = torch.zeros(1, 1, 21, 21)
+    maps[0, 0, 10, 10] = 1.0
+    maps[0, 0, 0, 0] = maps[0, 0, 3, 10] = 1e-3  # two background pixels; the far one ranks higher unblurred
+    assert maps[0, 0, 0, 0] == maps[0, 0, 3, 10]
+    assert torch.equal(smooth_maps(maps, 0.0), maps)
+    blurred = smooth_maps(maps, 2.0)[0, 0]
+    assert blurred[3, 10] > blurred[0, 0]  # 7 px from the peak beats 14 px away
+    # the peak's neighbours follow the Gaussian: exp(-d^2 / (2 sigma^2)) relative to the peak's own weight
+    ratio = blurred[10, 12] / blurred[10, 10]
+    assert ratio.item() == pytest.approx(torch.exp(torch.tensor(-4 / 8)).item(), rel=0.02)
+    assert smooth_maps(torch.rand(2, 3, 4, 4), 5.0).shape == (2, 3, 4, 4)  # radius capped by tiny maps
+
+
+def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explainer, tmp_path) -> None:
+    from ptame.head import minmax_normalize, smooth_maps
+
+    images = torch.rand(2, 3, 64, 64)
+    sharp = tiny_explainer.explain(images)
+    tiny_explainer.smoothing = 1.5
+    smooth = tiny_explainer.explain(images)
+    with torch.no_grad():
+        logits, features = tiny_explainer.logits_and_features(images)
+        raw = torch.sigmoid(tiny_explainer.head.eval()(features, smooth.classes))
+    torch.testing.assert_close(smooth.saliency, minmax_normalize(smooth_maps(raw, 1.5)), atol=1e-5, rtol=0)
+    assert not torch.allclose(smooth.saliency, sharp.saliency)
+    loaded = Explainer.load(tiny_explainer.save(tmp_path / "m"))
+    assert loaded.smoothing == 1.5
+    torch.testing.assert_close(loaded.explain(images).saliency, smooth.saliency)
+    with pytest.raises(ValueError, match="smoothing must be >= 0"):
+        Explainer(tiny_explainer.backbone, tiny_explainer.auxiliary, smoothing=-1)
