@@ -29,8 +29,12 @@ def preprocessing(params: Params):  # -> ptame.models.Preprocessing
 
 
 def main(run) -> None:  # noqa: ANN001 - run(params) -> None
-    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory (unknown keys refused); clean errors."""
+    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory (unknown keys refused); clean
+    errors, and on Ctrl-C / SIGTERM one line and exit code 130 / 143."""
+    from ptame.process import exit_code, interrupted_message, stop_on_sigterm
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_on_sigterm()  # SIGTERM (dvc killed, a scheduler's stop) ends a stage like Ctrl-C: one line, no traceback
     try:
         params = load_params(Path("params.yaml"))
         check_keys(params)
@@ -38,3 +42,6 @@ def main(run) -> None:  # noqa: ANN001 - run(params) -> None
     except (MissingParamError, ValueError, FileNotFoundError, LookupError) as e:
         logger.error("%s", e)
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        logger.warning("%s", interrupted_message(e))
+        sys.exit(exit_code(e))

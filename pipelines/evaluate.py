@@ -4,7 +4,7 @@ Writes ``reports/metrics.json`` (``{method: {measure: value}}`` with ``n`` and 9
 ``<measure>_lo`` / ``<measure>_hi``, plus ``<method>@<limited method>`` entries on RISE's subset; see
 :mod:`ptame.evaluate`), ``reports/evaluation.json`` (the fingerprint of the images and settings that
 the champion rule compares, the image ids and the settings), the ROAD curves as DVC plots
-(``reports/plots/road_{morf,lerf}.csv``) and an overlay gallery under ``reports/gallery/``.
+(``reports/plots/road_{morf,lerf}.csv``, and as ``.png``) and an overlay gallery under ``reports/gallery/``.
 """
 
 import json
@@ -29,6 +29,7 @@ def run(params) -> None:
 
     from ptame.evaluate import as_table, evaluate, load_eval_set, render_gallery, write_road_plots
     from ptame.explainer import Explainer
+    from ptame.viz import plot_csv
 
     start = time.perf_counter()
     e = params["evaluate"]
@@ -52,7 +53,11 @@ def run(params) -> None:
         "seconds": round(time.perf_counter() - start, 1),
     }
     EVALUATION.write_text(json.dumps(record, indent=2))
-    write_road_plots(result.curves, PLOTS)
+    for csv_path in write_road_plots(result.curves, PLOTS):  # and as PNGs: `dvc plots show` draws them offline
+        order = csv_path.stem.split("_")[-1]
+        better = "lower" if order == "morf" else "higher"
+        plot_csv(csv_path, csv_path.with_suffix(".png"), "percentage", list(result.curves),
+                 f"ROAD {'MoRF' if order == 'morf' else 'LeRF'} ({better} is better)", "removed pixels (%)", "accuracy")
     g = e["gallery"]
     render_gallery(evalset, result.maps, GALLERY, methods=g["methods"], count=g["images"], class_names=explainer.class_names)
     logger.info("metrics (reports/metrics.json), fingerprint %s:\n%s", result.fingerprint[:12], as_table(result.metrics))

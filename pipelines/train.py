@@ -1,6 +1,7 @@
 """DVC stage ``train``: Ray Train on ``data/prepared/train`` -> the explainer in ``models/explainer``.
 
-Writes the loss terms per step to ``reports/plots/train_loss.csv`` (a DVC plot) and a summary to
+Writes the loss terms per step to ``reports/plots/train_loss.csv`` (a DVC plot; also drawn as
+``train_loss.png``, which ``dvc plots show`` renders offline) and a summary to
 ``reports/train.json``. ``train.ray_address`` (or ``$RAY_ADDRESS``) joins a cluster; ``null``
 starts a local Ray.
 """
@@ -14,6 +15,8 @@ from _stage import main
 DATA = "data/prepared/train"
 OUT = "models/explainer"
 LOSS_CSV = Path("reports/plots/train_loss.csv")
+LOSS_PNG = Path("reports/plots/train_loss.png")
+LOSS_TERMS = ("loss", "ce", "area", "tv", "deletion")
 SUMMARY = Path("reports/train.json")
 #: ``train`` params passed to TrainConfig as they are (a missing one is named by the error)
 TRAIN_KEYS = (
@@ -27,6 +30,7 @@ def run(params) -> None:
     from ptame.models import read_class_names
     from ptame.params import check_class_names_file
     from ptame.train import TrainConfig, train
+    from ptame.viz import plot_csv
 
     check_class_names_file(params.get("model.class_names", None))  # dvc.yaml tracks classes/ only
 
@@ -48,12 +52,17 @@ def run(params) -> None:
         loss={k: v if isinstance(v, str) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt as e:
+        e.add_note("rerun `dvc repro` to resume: training continues from its last checkpoint")
+        raise
     LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
     with LOSS_CSV.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "area", "tv", "deletion", "lr"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.history)
+    plot_csv(LOSS_CSV, LOSS_PNG, "step", list(LOSS_TERMS), "training loss (per step)")  # dvc plots show, offline
     last = result.history[-1] if result.history else {}
     SUMMARY.write_text(json.dumps({
         "steps": result.steps, "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint,

@@ -425,6 +425,15 @@ def _write_chunk(chunk: dict[str, Any], *, output: str) -> dict[str, Any]:
     return {"chunk": chunk["chunk"], "images": chunk["images"], "errors": chunk["errors"]}
 
 
+def _progress_note(output: str) -> str:
+    """``"N of M chunks written; rerun the same command to resume"`` from the output folder."""
+    from ptame.explanations import read_manifest
+
+    fs, root = output_filesystem(output)
+    total = (read_manifest(output) or {}).get("num_chunks", "?")
+    return f"{len(_finished_chunks(fs, root))} of {total} chunks written; rerun the same command to resume"
+
+
 # ---------------------------------------------------------------------------------- driver
 
 
@@ -606,13 +615,15 @@ def _run_pipeline(
     import ray
     from tqdm.auto import tqdm
 
+    from ptame.process import init_ray
+
     started = not ray.is_initialized()
     if started:
         # the design's rule: an explicit address, else RAY_ADDRESS, else a new local Ray (never
         # whichever cluster happens to run on this machine)
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         local = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, logging_level=logging.WARNING, **local)
+        init_ray(address, **local)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -666,6 +677,11 @@ def _run_pipeline(
                 bar.update(row["images"])
                 bar.set_postfix(errors=errors, refresh=False)
         return images, errors, written
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: say how far the job got and how to finish it
+        if started:
+            ray.shutdown()  # first, so that no chunk lands after the count
+        e.add_note(_progress_note(output))
+        raise
     finally:
         if started:
             ray.shutdown()

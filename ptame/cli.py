@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -53,13 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    from ptame.process import exit_code, interrupted_message, stop_on_sigterm
+
+    previous = stop_on_sigterm()  # SIGTERM ends a command like Ctrl-C: one line saying how far it got, no traceback
     try:
         return int(args._module.main(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        logging.getLogger("ptame").warning("%s", interrupted_message(e))
+        return exit_code(e)
     except (ValueError, FileNotFoundError, LookupError) as e:
         logging.getLogger("ptame").error("%s", e)
         return 1
+    finally:
+        if previous is not None:  # called from Python (a stage, a test): give the caller its handler back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -363,10 +363,11 @@ def create_api(server: ExplainerServer) -> "FastAPI":
 
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel
 
     from ptame import __version__
+    from ptame.apidocs import openapi_html
 
     class Explanation(BaseModel):
         pred_class: int
@@ -393,6 +394,8 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         version=__version__,
         description="P-TAME explanations of a registered explainer: the prediction of an image and "
         "the saliency map of the predicted class, from one batched forward pass.",
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: blank offline
+        redoc_url=None,
     )
 
     @api.exception_handler(RequestError)
@@ -456,6 +459,11 @@ def create_api(server: ExplainerServer) -> "FastAPI":
     async def model() -> dict[str, Any]:
         """The served model: registry name, version, alias, metrics and configuration."""
         return server.model_info()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        """The API reference as one self-contained page (no script or stylesheet from the network)."""
+        return HTMLResponse(openapi_html(api.openapi(), str(request.base_url)))
 
     return api
 
@@ -642,8 +650,10 @@ def main(args: argparse.Namespace) -> int:
     app_args = _app_args(args)
     build_app(app_args)  # checks every option, and
     check_model(app_args)  # the model, before anything slow starts
+    from ptame.process import init_ray
+
     reload = _install_signal_handlers()  # before anything slow: an early SIGHUP must not kill us
-    context = ray.init(address=args.address, logging_level=logging.WARNING)
+    context = init_ray(args.address)  # keeps the SIGTERM handler
     owner, serve_was_running = False, True
     try:
         status = serve.status()
@@ -667,7 +677,11 @@ def main(args: argparse.Namespace) -> int:
             context.address_info.get("gcs_address"),
             args.model,
         )
-        _serve_until_stopped(reload, app_args, args.name, args.route_prefix)
+        try:
+            _serve_until_stopped(reload, app_args, args.name, args.route_prefix)
+        except KeyboardInterrupt as e:
+            e.add_note(f"stopped serving at {url}")
+            raise
         return 0
     finally:
         try:
@@ -681,32 +695,27 @@ def main(args: argparse.Namespace) -> int:
 
 def _install_signal_handlers() -> threading.Event:
     """SIGTERM stops like Ctrl-C; SIGHUP sets the returned event (redeploy, re-resolving the alias)."""
+    from ptame.process import stop_on_sigterm
+
     reload = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         return reload
-
-    def on_term(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload.set())
     return reload
 
 
 def _serve_until_stopped(reload: threading.Event, app_args: dict[str, Any], name: str, route_prefix: str) -> None:
-    """Sleep until SIGINT / SIGTERM; redeploy whenever ``reload`` is set (SIGHUP)."""
-    try:
-        while True:
-            if reload.wait(1.0):
-                reload.clear()
-                try:
-                    info = deploy(app_args, name=name, route_prefix=route_prefix)
-                    logger.info("reloaded: now serving %s", info["model_uri"])
-                except Exception as e:  # noqa: BLE001 - a failed reload keeps the old version serving
-                    logger.error("reload failed, the previous version keeps serving: %s", e)
-    except KeyboardInterrupt:
-        logger.info("stopping")
+    """Sleep until SIGINT / SIGTERM (``KeyboardInterrupt``); redeploy whenever ``reload`` is set (SIGHUP)."""
+    while True:
+        if reload.wait(1.0):
+            reload.clear()
+            try:
+                info = deploy(app_args, name=name, route_prefix=route_prefix)
+                logger.info("reloaded: now serving %s", info["model_uri"])
+            except Exception as e:  # noqa: BLE001 - a failed reload keeps the old version serving
+                logger.error("reload failed, the previous version keeps serving: %s", e)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -404,11 +404,13 @@ def train(config: TrainConfig) -> TrainResult:
 
     import ray
 
+    from ptame.process import init_ray
+
     cache = _fits_cache(cfg, rows)
     started = not ray.is_initialized()
     if started:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else _local_cpus(cfg, cache))
+        init_ray(address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
         if cfg.cpus_per_worker is None:
             cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
@@ -466,9 +468,12 @@ def _fit(
     never competes with training for the CPUs.
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ptame.process import quiet_ray_data
+
+    quiet_ray_data()  # the workers log ptame's own progress; Ray Train's set-up chatter stays in its log files
     images = ray.data.read_parquet(cfg.data).select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
         _decode_batch,
         fn_kwargs={"image_column": cfg.image_column, "prep": cfg.preprocessing, "augment": cfg.augment},
@@ -492,6 +497,7 @@ def _fit(
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": images},
     )
@@ -625,10 +631,10 @@ class _ShardImages:
         if self._images is None:
             chunks, ids = [], []
             for b in self.shard.iter_batches(batch_size=256, batch_format="numpy"):
-                chunks.append(torch.from_numpy(b["image"]))
+                chunks.append(b["image"])  # read-only views of the object store: copied once below
                 ids.extend(str(i) for i in b["image_id"])
             order = sorted(range(len(ids)), key=ids.__getitem__)
-            self._images = torch.cat(chunks)[order] if chunks else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+            self._images = torch.from_numpy(np.concatenate(chunks)[order]) if chunks else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
             logger.info("worker %d: %d training images decoded once and kept in memory (%.0f MiB)",
                         self.rank, len(ids), self._images.numel() / 2**20)
         return self._images

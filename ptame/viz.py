@@ -1,13 +1,15 @@
-"""Saliency overlays: a map blended over the region of the original image it covers."""
+"""Saliency overlays (a map blended over the region of the original image it covers) and static plots."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ptame.data import CropBox
 
-__all__ = ["caption", "colorize", "describe", "overlay", "side_by_side"]
+__all__ = ["caption", "colorize", "describe", "overlay", "plot_csv", "side_by_side"]
 
 
 def colorize(saliency: np.ndarray, cmap: str = "jet") -> np.ndarray:
@@ -64,3 +66,31 @@ def side_by_side(images: list[Image.Image], height: int = 224, gap: int = 4) -> 
         strip.paste(im, (x, 0))
         x += im.size[0] + gap
     return strip
+
+
+def plot_csv(
+    csv_path: str | Path, png_path: str | Path, x: str, columns: list[str], title: str, xlabel: str = "", ylabel: str = ""
+) -> Path:
+    """Line plot of ``columns`` against ``x`` from a CSV file, as a PNG: a DVC plot that needs no network.
+
+    Columns missing from the file are skipped; empty cells are gaps.
+    """
+    import csv
+
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    xs = [float(r[x]) for r in rows]
+    for column in columns:
+        if rows and column in rows[0]:
+            ax.plot(xs, [float(r[column]) if r[column] not in ("", None) else np.nan for r in rows], label=column)
+    ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from ptame.params import MissingParamError, Params, UnknownParamError, check_keys, load_params
 
@@ -77,6 +78,9 @@ def test_dvc_repro_end_to_end(repro) -> None:
     for path in ("reports/prepare.json", "reports/train.json", "reports/plots/train_loss.csv", "reports/plots/road_morf.csv",
                  "reports/plots/road_lerf.csv", "reports/gallery/gallery.png", "reports/registered.json"):
         assert (project / path).is_file(), path
+    for name in ("train_loss", "road_morf", "road_lerf"):  # the curves as PNGs: `dvc plots show` draws them offline
+        with Image.open(project / f"reports/plots/{name}.png") as im:
+            assert im.format == "PNG" and im.size[0] >= 300, name
 
     prepared = json.loads((project / "reports/prepare.json").read_text())
     assert (prepared["train"], prepared["eval"], prepared["skipped"]) == (16, 2, 0)
