@@ -48,11 +48,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 256
+VIEWS = ("crop", "full")  # ptame.data.VIEWS, repeated so that `ptame --help` does not import torch
 MANIFEST_FORMAT = 1
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # see _write_atomically
 #: settings that change the rows or their files: a rerun must use the same ones
-_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column", "classes")
+_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column", "classes", "view")
+#: the value of a setting in a manifest written before the setting existed
+_UNRECORDED = {"view": "crop"}
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,9 @@ def _check_output(fs: Any, root: str, output: str, manifest: dict[str, Any]) -> 
             f"(or pass --model {existing.get('model_uri')} to finish that job)."
         )
     for key in _SETTINGS:
-        if existing.get(key) != manifest[key]:
+        if existing.get(key, _UNRECORDED.get(key)) != manifest[key]:
             raise ValueError(
-                f"output {output!r} was written with {key}={existing.get(key)!r}, this run asks for "
+                f"output {output!r} was written with {key}={existing.get(key, _UNRECORDED.get(key))!r}, this run asks for "
                 f"{manifest[key]!r}; rerun with the same setting or choose another --output."
             )
     if existing.get("fingerprint") != manifest["fingerprint"]:
@@ -261,10 +264,12 @@ def _prepare_chunk(
     image_column: str,
     id_column: str,
     classes: int | str | None = None,
+    view: str = "crop",
 ) -> dict[str, Any]:
     """CPU stage: read, decode and preprocess one chunk; every input yields an entry, bad ones an error.
 
-    ``classes``: one class for every image (int), or the Parquet column holding each row's class.
+    ``classes``: one class for every image (int), or the Parquet column holding each row's class;
+    ``view``: ``crop`` or ``full`` (see :func:`ptame.records.prepare`).
     """
     import numpy as np
 
@@ -290,7 +295,7 @@ def _prepare_chunk(
             items.append(Prepared(None, 0, 0, None, error))
             continue
         try:
-            items.append(prepare_image(data, prep, max_pixels))
+            items.append(prepare_image(data, prep, max_pixels, view))
         except Exception as e:  # noqa: BLE001 - any input that breaks a decoder is an error row, not a dead job
             logger.warning("could not prepare %s: %r", image_id, e)
             items.append(Prepared(None, 0, 0, None, f"could not prepare image: {type(e).__name__}: {e}"))
@@ -303,6 +308,7 @@ def _prepare_chunk(
         "width": [it.width for it in items],
         "height": [it.height for it in items],
         "crop_box": [list(it.crop_box) if it.crop_box else None for it in items],
+        "content": [list(it.content) if it.content else None for it in items],
         "error": [it.error for it in items],
         "classes": [None if c is None else str(c) for c in wanted],  # index or label; None: the prediction
         "pixels": np.ascontiguousarray(pixels, np.float32).tobytes(),
@@ -352,8 +358,8 @@ class ChunkExplainer:
         size = self.explainer.preprocessing.input_size
         pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
         items, classes, g = [], [], 0
-        entries = zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["error"], chunk["classes"])
-        for width, height, box, error, wanted in entries:
+        entries = zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["content"], chunk["error"], chunk["classes"])
+        for width, height, box, content, error, wanted in entries:
             if error is not None:
                 items.append(Prepared(None, int(width), int(height), None, error))
                 classes.append(None)
@@ -365,7 +371,9 @@ class ChunkExplainer:
                 items.append(Prepared(None, int(width), int(height), None, str(e)))
                 classes.append(None)
                 continue
-            items.append(Prepared(tensor, int(width), int(height), tuple(int(v) for v in box), None))
+            inside = None if content is None else tuple(int(v) for v in content)
+            crop = tuple(int(v) for v in box)
+            items.append(Prepared(tensor, int(width), int(height), crop, None, inside))  # type: ignore[arg-type]
         rows: list[dict[str, Any]] = []
         for i in range(0, len(items), self.batch_size):
             window = slice(i, i + self.batch_size)
@@ -487,6 +495,7 @@ def explain_to_parquet(
     image_column: str = "image",
     id_column: str = "image_id",
     classes: int | str | None = None,
+    view: str = "crop",
     address: str | None = None,
     progress: bool = True,
     tracking_uri: str | None = None,
@@ -511,6 +520,8 @@ def explain_to_parquet(
         image_column, id_column: columns of a Parquet input (ids default to ``<file>#<row>``).
         classes: the class every map explains (an index), or the column of a Parquet input that holds
             each row's class (an index or a label; null rows and the default explain the prediction).
+        view: ``"crop"``: the map covers the classifier's centre crop; ``"full"``: the whole image
+            (letterboxed: longer side resized, padded with the mean; the map is cut to the image).
         address: Ray cluster to use when Ray is not initialised yet.
         progress: show a progress bar.
         tracking_uri: MLflow registry of a ``models:/`` model (default: ``MLFLOW_TRACKING_URI``, else
@@ -527,11 +538,13 @@ def explain_to_parquet(
             raise TypeError(f"{name} must be a non-empty string, got {value!r}")
     _check_positive(batch_size=batch_size, concurrency=concurrency, topk=topk, chunk_size=chunk_size, max_pixels=max_pixels)
     _check_classes(classes)
+    from ptame.data import check_view
     from ptame.explanations import read_manifest
     from ptame.records import resolve_class
     from ptame.registry import load_explainer
     from ptame.sources import resolve_source
 
+    check_view(view)
     start = time.perf_counter()
     model_uri, tracking_uri = _pin_model(model, tracking_uri)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
@@ -560,6 +573,7 @@ def explain_to_parquet(
         "topk": topk,
         "max_pixels": max_pixels,
         "classes": classes,
+        "view": view,
     }
     if _check_output(fs, root, output, manifest) is None:
         fs.makedirs(root, exist_ok=True)
@@ -578,7 +592,7 @@ def explain_to_parquet(
     images, errors, written = _run_pipeline(
         pending, source, model_uri, tracking_uri, output, explainer.preprocessing.to_dict(),
         chunk_size=size, batch_size=batch_size, concurrency=concurrency, topk=topk, use_gpu=use_gpu,
-        max_pixels=max_pixels, classes=classes, address=address, progress=progress,
+        max_pixels=max_pixels, classes=classes, view=view, address=address, progress=progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     missing = len(chunks) - len(_finished_chunks(fs, root))
@@ -608,6 +622,7 @@ def _run_pipeline(
     use_gpu: bool,
     max_pixels: int,
     classes: int | str | None,
+    view: str,
     address: str | None,
     progress: bool,
 ) -> tuple[int, int, int]:
@@ -644,6 +659,7 @@ def _run_pipeline(
                     "image_column": source.image_column,
                     "id_column": source.id_column,
                     "classes": classes,
+                    "view": view,
                 },
                 num_cpus=1,
                 # room for the largest image a task accepts and its chunk; also keeps Ray Data from
@@ -708,6 +724,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image", help="image-bytes column of a Parquet input (default: %(default)s)")
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
     parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image, or the column of a Parquet input holding each row's class index or label (default: the predicted class)")
+    parser.add_argument("--view", choices=VIEWS, default="crop", help="what each map covers: 'crop', the centre square the classifier sees (crop_box says where); 'full', the whole image, letterboxed (longer side resized, padded with the mean, the map cut to the image: its shape follows the aspect ratio, crop_box is the whole image). A rerun must keep the job's view (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI of a models:/ model (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -723,7 +740,7 @@ def main(args: argparse.Namespace) -> int:
         args.model, args.input, args.output,
         batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
         chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
-        id_column=args.id_column, classes=args.classes, address=args.address, progress=not args.no_progress,
+        id_column=args.id_column, classes=args.classes, view=args.view, address=args.address, progress=not args.no_progress,
         tracking_uri=args.tracking_uri,
     )  # fmt: skip
     return 0

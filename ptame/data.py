@@ -22,9 +22,13 @@ from ptame.models import Preprocessing
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "VIEWS",
     "CropBox",
     "ImageDecodeError",
+    "check_view",
     "decode_image",
+    "letterbox",
+    "letterbox_box",
     "load_image",
     "preprocess",
     "to_tensor",
@@ -32,6 +36,8 @@ __all__ = [
 
 DEFAULT_MAX_PIXELS = 64_000_000
 CropBox = tuple[int, int, int, int]
+#: what a map covers: ``crop`` the classifier's own centre crop, ``full`` the whole image (letterbox)
+VIEWS = ("crop", "full")
 
 
 class ImageDecodeError(ValueError):
@@ -125,13 +131,51 @@ def to_tensor(image: Image.Image) -> Tensor:
     return TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
 
 
-def preprocess(image: Image.Image, prep: Preprocessing) -> tuple[Tensor, CropBox]:
-    """Resize the shorter side to ``prep.resize``, centre-crop ``prep.input_size``.
+def check_view(view: str) -> str:
+    """``view`` if it is one of :data:`VIEWS`; a ValueError naming the choices otherwise."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    return view
 
-    Returns:
-        ``(3, S, S)`` tensor in ``[0, 1]`` and the crop box ``(left, top, right, bottom)`` in the
-        original image's pixels (the region the saliency map covers).
+
+def preprocess(image: Image.Image, prep: Preprocessing, view: str = "crop") -> tuple[Tensor, CropBox]:
+    """The model's ``(3, S, S)`` input in ``[0, 1]`` and the box ``(left, top, right, bottom)`` of the
+    original image it covers: the centre crop (``view="crop"``) or the whole image (``"full"``, see :func:`letterbox`)."""
+    if check_view(view) == "full":
+        return letterbox(image, prep), (0, 0, image.size[0], image.size[1])
+    return _centre_crop(image, prep)
+
+
+def letterbox_box(width: int, height: int, size: int) -> CropBox:
+    """Where :func:`letterbox` puts a ``width x height`` image in the ``size x size`` input:
+    ``(left, top, right, bottom)``."""
+    scale = size / max(width, height)
+    new_w, new_h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    return left, top, left + new_w, top + new_h
+
+
+def letterbox(image: Image.Image, prep: Preprocessing) -> Tensor:
+    """The whole image in the ``(3, S, S)`` input: longer side resized to ``S`` keeping the aspect ratio,
+    centred, the rest padded with ``prep.mean`` (zero after normalisation).
+
+    The classifier sees undistorted objects, every pixel of the image is covered, and the padding
+    holds no image content; the map is later cut to :func:`letterbox_box` (nothing outside the image is explained).
     """
+    size = prep.input_size
+    left, top, right, bottom = letterbox_box(image.size[0], image.size[1], size)
+    new_w, new_h = right - left, bottom - top
+    factor = min(image.size[0] // new_w, image.size[1] // new_h) // 2
+    if factor >= 2:  # a cheap box reduction first: a 60 megapixel photo is shrunk before it becomes floats
+        image = image.reduce(factor)
+    resized = TF.resize(to_tensor(image), [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    out = torch.tensor(prep.mean, dtype=torch.float32).view(3, 1, 1).repeat(1, size, size)
+    out[:, top:bottom, left:right] = resized.clamp_(0.0, 1.0)
+    return out
+
+
+def _centre_crop(image: Image.Image, prep: Preprocessing) -> tuple[Tensor, CropBox]:
+    """Resize the shorter side to ``prep.resize``, centre-crop ``prep.input_size``."""
     width, height = image.size
     scale = prep.resize / min(width, height)
     # Only a centred min-side square (plus the resampling kernel's reach) survives the centre

@@ -63,7 +63,8 @@ class ImageExplanation:
     Attributes:
         saliency: ``(h, w)`` float32 map in ``[0, 1]`` at the head's native resolution.
         class_index: the class the map explains; ``label`` its name; ``score`` its probability.
-        crop_box: ``(left, top, right, bottom)`` of the original image that the map covers.
+        crop_box: ``(left, top, right, bottom)`` of the original image that the map covers (the
+            centre crop, or ``(0, 0, width, height)`` with ``view="full"``).
         size: ``(width, height)`` of the original image (after EXIF rotation).
     """
 
@@ -344,22 +345,26 @@ class Explainer(nn.Module):
             saliency = minmax_normalize(smooth_maps(torch.sigmoid(maps.float()), self.smoothing))
             return Explanation(saliency, chosen, probs.gather(1, chosen), probs)
 
-    def explain_image(self, image: str | Path | bytes | Any, class_: int | str | None = None) -> ImageExplanation:
+    def explain_image(
+        self, image: str | Path | bytes | Any, class_: int | str | None = None, view: str = "crop"
+    ) -> ImageExplanation:
         """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default the prediction).
 
-        Decodes and preprocesses exactly as ``ptame explain`` and ``ptame serve`` do, so the three
-        agree on the same picture.
+        ``view="crop"`` explains the classifier's centre crop; ``view="full"`` the whole image, letterboxed
+        (longer side resized, padded with the mean), with a map of the image's aspect ratio. Decodes and
+        preprocesses exactly as ``ptame explain`` and ``ptame serve`` do, so the three agree on the same picture.
         """
         from ptame.data import load_image
-        from ptame.records import prepare, resolve_class
+        from ptame.records import content_map, prepare, resolve_class
 
-        prepared = prepare(load_image(image), self.preprocessing)
+        prepared = prepare(load_image(image), self.preprocessing, view)
         target = None if class_ is None else resolve_class(class_, self.class_names)
         device = next(self.head.parameters()).device
         result = self.explain(prepared.tensor[None].to(device), classes=target)  # type: ignore[index]
         index = int(result.classes[0, 0])
+        saliency = content_map(result.saliency[0, 0].float().cpu(), prepared.content, self.preprocessing.input_size)
         return ImageExplanation(
-            saliency=result.saliency[0, 0].float().cpu().numpy(),
+            saliency=saliency.numpy(),
             class_index=index,
             label=self.class_names[index],
             score=float(result.scores[0, 0]),

@@ -4,11 +4,14 @@ A row holds ``pred_class``, ``pred_label``, ``pred_score``, ``topk_classes``, ``
 ``topk_scores``, ``saliency`` (the map of ``saliency_class``: the requested class, else
 ``pred_class``; min-max normalised, quantised to uint8, row-major bytes), ``saliency_class``,
 ``saliency_label``, ``saliency_score``, ``saliency_shape``, ``width``, ``height``, ``crop_box``
-and ``error`` (``None`` or why it failed).
+and ``error`` (``None`` or why it failed). ``crop_box`` is the region of the original image the map
+covers: the classifier's centre crop (``view="crop"``), or the whole image (``view="full"``: a
+letterboxed input whose map is cut to the image content, so ``saliency_shape`` follows its aspect ratio).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +22,21 @@ from torch import Tensor
 
 from PIL import Image
 
-from ptame.data import CropBox, ImageDecodeError, decode_image, preprocess
+from ptame.data import CropBox, ImageDecodeError, decode_image, letterbox_box, preprocess
 from ptame.explainer import Explainer
+from ptame.head import minmax_normalize
 from ptame.models import Preprocessing
 
-__all__ = ["Prepared", "dequantize", "explain_prepared", "prepare", "prepare_image", "quantize", "resolve_class"]
+__all__ = [
+    "Prepared",
+    "content_map",
+    "dequantize",
+    "explain_prepared",
+    "prepare",
+    "prepare_image",
+    "quantize",
+    "resolve_class",
+]
 
 
 def quantize(saliency: Tensor | np.ndarray) -> bytes:
@@ -51,21 +64,41 @@ class Prepared:
     height: int
     crop_box: CropBox | None
     error: str | None
+    content: CropBox | None = None  # the input's pixels that hold the image (letterbox); None: all of them
 
 
-def prepare_image(data: bytes, prep: Preprocessing, max_pixels: int | None = None) -> Prepared:
+def prepare_image(data: bytes, prep: Preprocessing, max_pixels: int | None = None, view: str = "crop") -> Prepared:
     """Decode and preprocess encoded image bytes; bad input yields ``error``, never an exception."""
     try:
         image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
     except ImageDecodeError as e:
         return Prepared(None, 0, 0, None, str(e))
-    return prepare(image, prep)
+    return prepare(image, prep, view)
 
 
-def prepare(image: Image.Image, prep: Preprocessing) -> Prepared:
-    """A decoded image preprocessed for the model: the one step bulk, serving and the Python API share."""
-    tensor, box = preprocess(image, prep)
-    return Prepared(tensor, image.size[0], image.size[1], box, None)
+def prepare(image: Image.Image, prep: Preprocessing, view: str = "crop") -> Prepared:
+    """A decoded image preprocessed for the model: the one step bulk, serving and the Python API share.
+
+    ``view``: ``"crop"`` (the classifier's centre crop) or ``"full"`` (the whole image, letterboxed).
+    """
+    tensor, box = preprocess(image, prep, view)
+    content = letterbox_box(image.size[0], image.size[1], prep.input_size) if view == "full" else None
+    return Prepared(tensor, image.size[0], image.size[1], box, None, content)
+
+
+def content_map(saliency: Tensor, content: CropBox | None, size: int) -> Tensor:
+    """An ``(h, w)`` map of a ``size x size`` input cut to ``content`` (the letterboxed image; its edges
+    rounded to the nearest cell boundary) and min-max normalised again; ``None`` keeps the whole map."""
+    if content is None:
+        return saliency
+    h, w = saliency.shape[-2:]
+    left, top, right, bottom = content
+
+    def cells(lo: int, hi: int, n: int) -> slice:
+        start = min(n - 1, math.floor(lo * n / size + 0.5))
+        return slice(start, max(start + 1, min(n, math.floor(hi * n / size + 0.5))))
+
+    return minmax_normalize(saliency[..., cells(top, bottom, h), cells(left, right, w)])
 
 
 def resolve_class(value: int | str, class_names: Sequence[str]) -> int:
@@ -93,7 +126,8 @@ def explain_prepared(
     """Explain the good items in one batch; every item gets a row (bad ones with ``error`` set).
 
     ``classes`` (one entry per item, ``None`` for the prediction) chooses the class each map explains;
-    one backbone pass and one map per image either way.
+    one backbone pass and one map per image either way. A letterboxed item's map is cut to its image
+    (:func:`content_map`).
     """
     if classes is not None and len(classes) != len(items):
         raise ValueError(f"classes has {len(classes)} entries for {len(items)} items")
@@ -111,9 +145,9 @@ def explain_prepared(
     all_classes, all_scores = top.indices.cpu().tolist(), top.values.float().cpu().tolist()
     targets, target_scores = result.classes[:, 0].cpu().tolist(), result.scores[:, 0].float().cpu().tolist()
     maps = result.saliency[:, 0].float().cpu()
-    names = explainer.class_names
+    names, size = explainer.class_names, explainer.preprocessing.input_size
     for j, i in enumerate(good):
-        classes_j, scores, sal = all_classes[j], all_scores[j], maps[j]
+        classes_j, scores, sal = all_classes[j], all_scores[j], content_map(maps[j], items[i].content, size)
         target, target_score = int(targets[j]), float(target_scores[j])
         rows[i] = {
             "width": items[i].width,

@@ -179,12 +179,10 @@ def _tracking_uri() -> str:
 
 #: pyfunc params (``mlflow models serve``: ``{"dataframe_split": ..., "params": {"topk": 3}}``)
 PYFUNC_PARAMS: dict[str, Any] = {"topk": 5, "class": -1, "view": "crop"}
-#: the only ``view`` the pyfunc gives for now: the map covers the centre crop the classifier saw
-VIEWS = ("crop",)
 
 
 def pyfunc_signature() -> Any:
-    """Input ``image`` (binary; base64 strings in JSON), params ``topk``, ``class`` (-1: predicted), ``view``."""
+    """Input ``image`` (binary; base64 strings in JSON), params ``topk``, ``class`` (-1: predicted), ``view`` (crop or full)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -211,24 +209,29 @@ def input_example() -> Any:
     return pd.DataFrame({"image": [buf.getvalue()]})
 
 
-def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None]:
-    """``(topk, class or None)`` from the pyfunc params; a wrong value is a ``ValueError`` naming it."""
+def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None, str]:
+    """``(topk, class or None, view)`` from the pyfunc params; a wrong value is a ``ValueError`` naming it."""
+    from ptame.data import check_view
+
     options = {**PYFUNC_PARAMS, **(params or {})}
     topk, chosen, view = int(options["topk"]), int(options["class"]), str(options["view"])
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-    return topk, (None if chosen < 0 else chosen)
+    return topk, (None if chosen < 0 else chosen), check_view(view)
 
 
-def explain_rows(explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None) -> list[dict[str, Any]]:
-    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``)."""
+def explain_rows(
+    explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None, view: str = "crop"
+) -> list[dict[str, Any]]:
+    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``);
+    ``view="full"`` maps the whole image (letterboxed) instead of the centre crop."""
+    from ptame.data import check_view
     from ptame.records import explain_prepared, prepare_image
 
     if chosen is not None and not 0 <= chosen < explainer.backbone.num_classes:
         raise ValueError(f"class must be in [0, {explainer.backbone.num_classes}), got {chosen}")
-    items = [prepare_image(bytes(b), explainer.preprocessing) for b in images]
+    check_view(view)
+    items = [prepare_image(bytes(b), explainer.preprocessing, view=view) for b in images]
     return explain_prepared(explainer, items, topk=topk, classes=[chosen] * len(items))
 
 
@@ -245,9 +248,9 @@ def _pyfunc_class() -> type:
             from mlflow.exceptions import MlflowException
 
             try:  # MlflowException: the scoring server answers 400 with the message, not a bare 500
-                topk, chosen = _pyfunc_options(params)
+                topk, chosen, view = _pyfunc_options(params)
                 # rows as dicts: a DataFrame would turn None into NaN and ints into floats
-                return explain_rows(self.explainer, model_input["image"], topk, chosen)
+                return explain_rows(self.explainer, model_input["image"], topk, chosen, view)
             except ValueError as e:
                 raise MlflowException.invalid_parameter_value(str(e)) from None
 

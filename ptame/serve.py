@@ -5,8 +5,9 @@ cluster and runs one Serve application:
 
 - ``POST /explain``: an image as the raw body (``Content-Type: image/*``) or as the multipart
   field ``file``; answers the prediction and the saliency map of the predicted class, or of
-  ``?class=`` (an index or a label); ``?topk=``, ``?format=png`` for an overlay PNG instead of
-  JSON, whose ``X-Ptame-Class``, ``X-Ptame-Label`` and ``X-Ptame-Score`` headers say what it shows;
+  ``?class=`` (an index or a label); ``?topk=``, ``?view=full`` for a map of the whole image
+  (letterboxed) instead of the classifier's centre crop, ``?format=png`` for an overlay PNG instead
+  of JSON, whose ``X-Ptame-Class``, ``X-Ptame-Label`` and ``X-Ptame-Score`` headers say what it shows;
 - ``GET /healthz``, ``GET /model`` (name, version, alias, metrics), OpenAPI at ``/docs``.
 
 Concurrent requests share forward passes through ``@serve.batch``. Requests never choose a model
@@ -175,19 +176,26 @@ class ExplainerServer:
     # ------------------------------------------------------------------------------ requests
 
     async def explain(
-        self, body: bytes, topk: int | None = None, fmt: str = "json", target: str | None = None
+        self, body: bytes, topk: int | None = None, fmt: str = "json", target: str | None = None, view: str = "crop"
     ) -> dict[str, Any] | tuple[bytes, dict[str, str]]:
         """Decode, explain (batched with concurrent requests) and answer one image.
 
-        ``target``: the class to explain (an index or a label; default the prediction). Answers the
-        JSON dict, or with ``fmt="png"`` the overlay PNG and the headers that say what it shows.
+        ``target``: the class to explain (an index or a label; default the prediction); ``view``:
+        ``crop`` or ``full`` (the whole image). Answers the JSON dict, or with ``fmt="png"`` the
+        overlay PNG and the headers that say what it shows.
         """
+        from ptame.data import check_view
+
         k = min(self.settings.default_topk, self.num_classes) if topk is None else topk
         if not 1 <= k <= self.num_classes:
             raise RequestError(422, f"topk must be in [1, {self.num_classes}] for this model, got {k}")
+        try:
+            check_view(view)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         chosen = self._resolve_target(target)
         loop = asyncio.get_running_loop()
-        image, prepared = await loop.run_in_executor(self._decode_pool, self._decode, body)
+        image, prepared = await loop.run_in_executor(self._decode_pool, self._decode, body, view)
         if fmt != "png":
             image = None  # only the overlay needs the decoded original: free it while waiting
         row = await self.explain_batch((prepared, k, chosen))
@@ -206,7 +214,7 @@ class ExplainerServer:
         except ValueError as e:
             raise RequestError(400, str(e)) from None
 
-    def _decode(self, body: bytes) -> tuple[Image.Image, "Prepared"]:
+    def _decode(self, body: bytes, view: str = "crop") -> tuple[Image.Image, "Prepared"]:
         from ptame.data import ImageDecodeError, decode_image
         from ptame.records import prepare
 
@@ -219,7 +227,7 @@ class ExplainerServer:
             raise RequestError(
                 400, f"image is {width} x {height}: aspect ratio over the limit of {self.settings.max_aspect_ratio:g}"
             )
-        return image, prepare(image, self.loaded.explainer.preprocessing)
+        return image, prepare(image, self.loaded.explainer.preprocessing, view)
 
     async def _explain_batch(self, requests: list[tuple["Prepared", int, int | None]]) -> list[dict[str, Any]]:
         """``@serve.batch`` target: one forward pass for every request waiting in the queue."""
@@ -309,7 +317,8 @@ def _png_headers(row: dict[str, Any]) -> dict[str, str]:
 
 
 def _overlay_png(image: Image.Image, row: dict[str, Any]) -> bytes:
-    """The map over the image, its label and score written in a strip below."""
+    """The map over the region it covers (``crop_box``: the crop, or the whole image), its label and
+    score written in a strip below."""
     from ptame.records import dequantize
     from ptame.viz import caption, describe, overlay
 
@@ -368,6 +377,7 @@ def create_api(server: ExplainerServer) -> "FastAPI":
 
     from ptame import __version__
     from ptame.apidocs import openapi_html
+    from ptame.data import VIEWS
 
     class Explanation(BaseModel):
         pred_class: int
@@ -421,7 +431,7 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         },
     }
     errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": Error, "description": "unreadable image, malformed body or unknown class"},
+        400: {"model": Error, "description": "unreadable image, malformed body, unknown class or view"},
         413: {"model": Error, "description": "body over the size limit"},
         422: {"model": Error, "description": "query parameter out of range"},
         503: {"description": "overloaded: the request queue is full, retry later"},
@@ -441,10 +451,16 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         target: str | None = Query(
             None, alias="class", description="class to explain: an index or a label (default: the predicted class)"
         ),
+        view: str = Query(
+            "crop",
+            description="crop: the map covers the centre square the classifier sees; full: the whole image "
+            "(letterboxed: the map follows its aspect ratio, crop_box is the whole image)",
+            json_schema_extra={"enum": list(VIEWS)},  # documented only: a bad value is answered 400, not 422
+        ),
     ) -> Any:
         """Explain one image: its prediction and the saliency map of the predicted (or requested) class."""
         body = await read_body(request, server.settings.max_body_bytes)
-        answer = await server.explain(body, topk, fmt, target)
+        answer = await server.explain(body, topk, fmt, target, view)
         if isinstance(answer, tuple):
             png, headers = answer
             return Response(png, media_type="image/png", headers={"X-Model-URI": server.loaded.model_uri} | headers)

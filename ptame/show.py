@@ -3,7 +3,8 @@
 The explanations do not store the images; the job manifest records the input that
 ``ptame explain`` read, so each ``image_id`` is found there again (``--input`` points elsewhere
 when the images moved). Each overlay covers the ``crop_box`` of the original image that the map
-explains; a strip below the picture names the class the map shows, its label and score.
+explains (the centre crop, or the whole image for ``ptame explain --view full``, whose map has the
+image's aspect ratio); a strip below the picture names the class the map shows, its label and score.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ from ptame.models import Preprocessing, load_auxiliary  # noqa: E402
 
 TINY_PREP = Preprocessing(input_size=64, resize=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 TINY_BACKBONE = "python:ptame.testing:tiny_cnn"
+RED_BACKBONE = "python:ptame.testing:red_detector"
 AUXILIARY = "builtin:efficientnet_lite0"
+#: the red square of :func:`red_scene`, ``(left, top, right, bottom)``: left of its centre square
+RED_BOX = (2, 18, 30, 46)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -79,3 +82,37 @@ def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     """Grow boolean ``(B, H, W)`` masks by ``pixels`` (the pointing game's tolerance)."""
     k = 2 * pixels + 1
     return torch.nn.functional.max_pool2d(masks[:, None].float(), k, 1, pixels)[:, 0].bool()
+
+
+def red_explainer() -> Explainer:
+    """The hand-wired red detector explained by its own class activation maps: class 0's map is the red region."""
+    explainer = Explainer.from_uris(RED_BACKBONE, "backbone", preprocessing=TINY_PREP)
+    explainer.init_head_from_classifier(scale=0.5)
+    return explainer
+
+
+def red_scene() -> bytes:
+    """A 128 x 64 grey PNG with a red square at its far left (:data:`RED_BOX`), outside the centre square."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ptame.testing import COLOURS
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(0.5 + 0.08 * rng.standard_normal((64, 128, 3)), 0, 1)
+    left, top, right, bottom = RED_BOX
+    pixels[top:bottom, left:right] = COLOURS[0].numpy()
+    buf = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def red_cells(shape: tuple[int, int], size: tuple[int, int] = (128, 64)) -> torch.Tensor:
+    """Boolean ``(h, w)`` map cells over a ``size`` image whose centres lie in :data:`RED_BOX`."""
+    h, w = shape
+    ys = (torch.arange(h) + 0.5) * size[1] / h
+    xs = (torch.arange(w) + 0.5) * size[0] / w
+    left, top, right, bottom = RED_BOX
+    return ((ys >= top) & (ys < bottom))[:, None] & ((xs >= left) & (xs < right))[None, :]

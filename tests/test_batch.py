@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
+from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_cells, red_explainer, red_scene
 from PIL import Image
 
 from ptame.batch import _actor_threads, _actors, _class_option, chunk_file, explain_to_parquet
@@ -311,6 +311,43 @@ def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, ex
         with pytest.raises(ValueError, match=why):
             explain_to_parquet(str(saved_model), str(images), str(tmp_path / "no"), classes=_class_option(classes), progress=False)
     assert cli(["explain", "--model", str(saved_model), "--input", str(shard), "--output", str(tmp_path / "no"), "--classes", "nope"]) == 1
+
+
+def test_cli_full_view_maps_the_whole_image_and_a_job_keeps_its_view(tmp_path, local_ray) -> None:
+    from ptame.batch import VIEWS
+    from ptame.cli import main as cli
+    from ptame.data import VIEWS as DATA_VIEWS
+    from ptame.show import render_overlays
+
+    assert VIEWS == DATA_VIEWS
+    model = red_explainer().save(tmp_path / "red")
+    scene = red_scene()
+    images = write_files(tmp_path / "images", {"wide.png": scene, "tall.png": encode(Image.new("RGB", (40, 100), "grey"), "PNG")})
+    out = tmp_path / "out"
+    command = _cli("--model", str(model), "--input", str(images), "--output", str(out), "--view", "full", "--address", local_ray)
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = read_explanations(str(out)).set_index("image_id")
+    wide, tall = df.loc["wide.png"], df.loc["tall.png"]
+    assert list(wide.crop_box) == [0, 0, 128, 64] and list(tall.crop_box) == [0, 0, 40, 100]
+    assert wide.saliency.shape == (8, 16) and tall.saliency.shape == (16, 6)  # the images' aspect ratios
+    assert wide.pred_class == 0 and torch.equal(torch.from_numpy(wide.saliency >= 0.5), red_cells((8, 16)))
+    assert read_manifest(str(out))["view"] == "full"
+
+    # the overlay of `ptame show` spreads the 8 x 16 map over the whole picture
+    (picture,) = render_overlays(str(out), tmp_path / "overlays", limit=2)[1:]
+    original = np.asarray(Image.open(io.BytesIO(scene)).convert("RGB"), dtype=np.int16)
+    shown = np.asarray(Image.open(picture).convert("RGB"), dtype=np.int16)[:64]
+    assert np.abs(shown - original).sum(2).min() > 30  # every pixel is coloured by the map
+
+    assert "--view {crop,full}" in subprocess.run(_cli("--help"), capture_output=True, text=True).stdout
+    for view in ("crop", None):  # another view, or the default, is never mixed into a finished job
+        argv = ["explain", "--model", str(model), "--input", str(images), "--output", str(out), "--no-progress"]
+        assert cli(argv + (["--view", view] if view else [])) == 1
+    with pytest.raises(ValueError, match="written with view='full', this run asks for 'crop'"):
+        explain_to_parquet(str(model), str(images), str(out), progress=False)
+    with pytest.raises(ValueError, match=r"view must be one of \['crop', 'full'\]"):
+        explain_to_parquet(str(model), str(images), str(tmp_path / "other"), view="wide", progress=False)
 
 
 # --------------------------------------------------------------- refusals before any work

@@ -74,3 +74,22 @@ def test_slivers_are_cut_before_resizing() -> None:
     assert tensor.shape == (3, 64, 64)
     assert box[1] == 0 and box[3] == 1 and 0 < box[2] - box[0] <= 2
     assert abs((box[0] + box[2]) / 2 - 30000) <= 1
+
+
+def test_full_view_letterboxes_the_whole_image_padded_with_the_mean() -> None:
+    from ptame.data import letterbox_box
+
+    prep = Preprocessing(input_size=100, resize=120, mean=(0.2, 0.4, 0.6))
+    image = Image.new("RGB", (400, 200), (255, 0, 0))
+    tensor, box = preprocess(image, prep, view="full")
+    assert tensor.shape == (3, 100, 100) and box == (0, 0, 400, 200)  # the map covers the whole image
+    assert letterbox_box(400, 200, 100) == (0, 25, 100, 75)  # longer side to 100, aspect kept, centred
+    torch.testing.assert_close(tensor[:, 25:75], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 50, 100))
+    pad = torch.cat([tensor[:, :25], tensor[:, 75:]], 1)
+    torch.testing.assert_close(pad, torch.tensor(prep.mean).view(3, 1, 1).expand_as(pad))  # zero once normalised
+    assert letterbox_box(50, 100, 100) == (25, 0, 75, 100)
+    assert letterbox_box(60000, 1, 64) == (0, 31, 64, 32)  # a sliver keeps one row
+    tensor, box = preprocess(Image.new("RGB", (60000, 1), (0, 0, 255)), Preprocessing(input_size=64, resize=73), view="full")
+    assert tensor.shape == (3, 64, 64) and box == (0, 0, 60000, 1) and float(tensor[2, 31].min()) > 0.99
+    with pytest.raises(ValueError, match=r"view must be one of \['crop', 'full'\], got 'wide'"):
+        preprocess(image, prep, view="wide")

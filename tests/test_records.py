@@ -71,3 +71,38 @@ def test_resolve_class_takes_an_index_or_a_label() -> None:
         resolve_class("zebra", names)
     with pytest.raises(TypeError):
         resolve_class(True, names)
+
+
+def test_full_view_maps_the_whole_image_where_the_crop_misses_the_object() -> None:
+    """Ground truth: a red square at the far left of a wide image, outside its centre square; the
+    hand-wired red detector's map of class 0 is exactly the red region."""
+    from conftest import RED_BOX, TINY_PREP, red_cells, red_explainer, red_scene
+
+    explainer, data = red_explainer(), red_scene()
+    crop, full = explain_prepared(explainer, [prepare_image(data, TINY_PREP), prepare_image(data, TINY_PREP, view="full")], topk=4)
+    left, _, right, _ = crop["crop_box"]
+    assert (left, right) == (32, 96) and RED_BOX[2] <= left  # the classifier's own view never sees the object
+    assert crop["pred_class"] == 3  # "no object"
+    assert full["crop_box"] == [0, 0, 128, 64] and full["pred_class"] == 0  # the whole image: red found
+    assert full["saliency_shape"] == [8, 16]  # cut to the image: 2:1 like the image, no padding rows
+    sal = torch.from_numpy(dequantize(full["saliency"], full["saliency_shape"]))
+    assert torch.equal(sal >= 0.5, red_cells((8, 16)))  # hot exactly where the object is, at the left edge
+    assert float(sal.max()) == 1.0 and float(sal.min()) == 0.0  # min-max normalised on the image's part
+
+    got = explainer.explain_image(data, view="full")  # the Python API gives the same map and box
+    assert got.crop_box == (0, 0, 128, 64) and got.label == "0" and got.saliency.shape == (8, 16)
+    np.testing.assert_allclose(got.saliency, sal.numpy(), atol=0.5 / 255 + 1e-6)
+    with pytest.raises(ValueError, match=r"view must be one of \['crop', 'full'\]"):
+        explainer.explain_image(data, view="whole")
+
+
+@pytest.mark.parametrize("size", [(600, 400), (400, 600), (90, 70), (64, 64), (300, 20)])
+def test_full_view_map_shape_follows_the_aspect_ratio(tiny_explainer, size) -> None:
+    width, height = size
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 200, 30)).save(buf, "PNG")
+    row = explain_prepared(tiny_explainer, [prepare_image(buf.getvalue(), tiny_explainer.preprocessing, view="full")])[0]
+    h, w = row["saliency_shape"]
+    assert row["crop_box"] == [0, 0, width, height] and len(row["saliency"]) == h * w
+    assert max(h, w) == 16  # the longer side keeps every cell of the 16 x 16 map
+    assert abs(min(h, w) - 16 * min(size) / max(size)) <= 1  # the shorter side: the image's share, to a cell

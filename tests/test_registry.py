@@ -108,7 +108,9 @@ def test_pyfunc_signature_and_mlflow_models_serve(tiny_explainer, mlflow_dir) ->
         assert status == 200 and answer["predictions"][0]["saliency_class"] == chosen
         assert not np.array_equal(dequantize(base64.b64decode(answer["predictions"][0]["saliency"]), good["saliency_shape"]), saliency)
         status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"view": "full"}})
-        assert status >= 400 and "view must be one of ['crop']" in answer["message"]
+        assert status == 200 and answer["predictions"][0]["crop_box"] == [0, 0, 48, 48], answer
+        status, answer = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}, "params": {"view": "wide"}})
+        assert status >= 400 and "view must be one of ['crop', 'full'], got 'wide'" in answer["message"]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -223,7 +225,7 @@ def test_cluster_path_through_a_tracking_server(tiny_explainer, tmp_path, monkey
         assert answer["model_uri"] == f"models:/tiny/{version}" and answer["pred_class"] == int(want.classes[0, 0])
         assert base64.b64decode(answer["saliency_png"]).startswith(b"\x89PNG")
         _stop(serving, signal.SIGINT)
-        assert serving.returncode == 0, serve_log.read_text()[-3000:]
+        assert serving.returncode == 130, serve_log.read_text()[-3000:]  # Ctrl-C: 128 + SIGINT
     finally:
         if serving is not None:
             _stop(serving)
@@ -260,3 +262,22 @@ def test_remote_registry_with_local_artifacts_warns(caplog) -> None:
         assert not caplog.records
         registry._check_shared_artifacts("http://head:5000", "/home/me/mlruns/1")
     assert "--serve-artifacts" in caplog.text and "/home/me/mlruns/1" in caplog.text
+
+
+def test_pyfunc_view_param_maps_the_whole_image(mlflow_dir) -> None:
+    import mlflow
+    import pandas as pd
+    from conftest import red_cells, red_explainer, red_scene
+    from mlflow.exceptions import MlflowException
+
+    from ptame.records import dequantize
+
+    registry.log_explainer(red_explainer(), "red")
+    model = mlflow.pyfunc.load_model("models:/red/1")
+    frame = pd.DataFrame({"image": [red_scene()]})
+    crop, full = model.predict(frame)[0], model.predict(frame, params={"view": "full"})[0]
+    assert crop["crop_box"] == [32, 0, 96, 64] and crop["saliency_shape"] == [16, 16] and crop["pred_class"] == 3
+    assert full["crop_box"] == [0, 0, 128, 64] and full["saliency_shape"] == [8, 16] and full["pred_class"] == 0
+    assert torch.equal(torch.from_numpy(dequantize(full["saliency"], full["saliency_shape"]) >= 0.5), red_cells((8, 16)))
+    with pytest.raises(MlflowException, match="view must be one of"):
+        model.predict(frame, params={"view": "wide"})

@@ -30,11 +30,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
+from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_scene
 from ptame import registry
 from ptame.data import decode_image
 from ptame.explainer import Explainer
-from ptame.records import prepare_image, quantize
+from ptame.records import dequantize, explain_prepared, prepare_image, quantize
 
 NAME = "tiny"
 V1, V2 = f"models:/{NAME}/1", f"models:/{NAME}/2"
@@ -227,6 +227,32 @@ def test_overlay_png_blends_the_crop_only(served, client) -> None:
     assert inside.sum() < inside.size  # the photo is not square: some of it lies outside the crop
     assert np.array_equal(out[~inside], original[~inside])
     assert np.abs(out[inside] - original[inside]).mean() > 5
+
+
+def test_full_view_maps_and_overlays_the_whole_image(served, client) -> None:
+    uri = serving_uri(client)
+    body = red_scene()  # 128 x 64: its centre square leaves out a quarter of the picture on each side
+    want = explain_prepared(served.explainers[uri], [prepare_image(body, TINY_PREP, view="full")], topk=4)[0]
+    r = client.post("/explain", content=body, params={"view": "full"}, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["crop_box"] == [0, 0, 128, 64] and answer["saliency_shape"] == [8, 16] == want["saliency_shape"]
+    assert (answer["pred_class"], answer["topk_classes"]) == (want["pred_class"], want["topk_classes"])
+    expected = dequantize(want["saliency"], want["saliency_shape"])
+    assert np.abs(saliency_of(answer) / 255.0 - expected).max() <= 1 / 255 + 1e-6
+
+    r = client.post("/explain", content=body, params={"view": "full", "format": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    original = np.asarray(decode_image(body)).astype(int)
+    shown = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)[: original.shape[0]]
+    assert shown.shape == original.shape and np.abs(shown - original).sum(2).min() > 0  # every pixel under the map
+
+    (param,) = [q for q in client.get("/openapi.json").json()["paths"]["/explain"]["post"]["parameters"] if q["name"] == "view"]
+    assert param["schema"]["enum"] == ["crop", "full"] and param["schema"]["default"] == "crop"
+    r = client.post("/explain", content=body, params={"view": "wide"})
+    assert r.status_code == 400 and "view must be one of ['crop', 'full'], got 'wide'" in r.json()["error"]
+    r = client.post("/explain", content=body)  # the default stays the classifier's centre crop
+    assert r.status_code == 200 and r.json()["crop_box"] == [32, 0, 96, 64] and r.json()["saliency_shape"] == [16, 16]
 
 
 def test_class_query_chooses_the_map_and_bad_classes_get_400(served, client) -> None:
