@@ -14,8 +14,15 @@ readers and writers do not keep such units apart, and exactly-once needs them).
 Exactly once: inputs are sorted by image id and cut into fixed chunks; a chunk is written to a
 hidden temporary file and renamed to ``part-<chunk>.parquet`` only once complete, so a file under
 its final name always holds a whole chunk, and a rerun skips exactly the chunks whose file exists.
-The manifest ``_ptame_job.json`` pins the model version, the input and the chunking: a rerun with
-another model, another input or other settings is refused rather than mixed into the same output.
+The manifest ``_ptame_job.json`` pins the model version, the settings and the chunking: a rerun
+with another model or other settings is refused rather than mixed into the same output.
+
+Adding to an output: a run whose input differs from the last run's (a grown folder, another list)
+reads the ``image_id`` column of the part files already there, and explains only the inputs they
+lack, into new chunks numbered after the existing ones. Each such run is a *generation* recorded in
+the manifest (its first chunk, its count, a digest of its ids) before any of its chunks is written,
+so a killed addition rerun with the same input plans the same chunks from the same earlier parts and
+resumes where it stopped. Rows of inputs removed since are kept; only the last generation resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import os
 import re
 import time
 import uuid
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,6 +51,7 @@ __all__ = [
     "chunk_file",
     "explain_to_parquet",
     "main",
+    "plan_addition",
     "plan_chunks",
 ]
 
@@ -53,9 +63,11 @@ MANIFEST_FORMAT = 1
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # see _write_atomically
 #: settings that change the rows or their files: a rerun must use the same ones
-_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column", "classes", "view")
-#: the value of a setting in a manifest written before the setting existed
-_UNRECORDED = {"view": "crop"}
+_SETTINGS = ("chunk_size", "topk", "max_pixels", "image_column", "id_column", "classes", "view", "maps")
+#: values of settings that manifests older than the setting were written with
+_SETTING_DEFAULTS: dict[str, Any] = {"view": "crop", "maps": "pred"}
+#: ``--maps``: the map of the explained class only, or also the maps of all top-k classes
+MAPS = ("pred", "topk")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class ExplainSummary:
     chunks_written: int
     chunks_skipped: int
     total_images: int
+    already_explained: int = 0  # inputs an earlier run had explained into the same output
 
     @property
     def images_per_s(self) -> float:
@@ -100,13 +113,19 @@ def _pin_model(model: str, tracking_uri: str | None = None) -> tuple[str, str | 
     return f"models:/{name}/{version}", tracking_uri
 
 
-def _plan_files(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+def _file_pairs(source: Any) -> dict[str, str]:
+    """``{image_id: path}`` of a files source, deduplicated (the first path of an id wins)."""
     pairs: dict[str, str] = {}
     for image_id, path in zip(source.ids, source.paths):
         if image_id in pairs:
             logger.warning("input %r is listed more than once; explaining it once", image_id)
             continue
         pairs[image_id] = path
+    return pairs
+
+
+def _plan_files(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+    pairs = _file_pairs(source)
     ids = sorted(pairs)
     chunks = [
         {"chunk": i // chunk_size, "ids": ids[i : i + chunk_size], "paths": [pairs[k] for k in ids[i : i + chunk_size]]}
@@ -157,6 +176,58 @@ def plan_chunks(source: Any, chunk_size: int) -> tuple[list[dict[str, Any]], str
     return chunks, digest.hexdigest(), count
 
 
+def _parquet_ids(source: Any, path: str) -> list[str]:
+    """Image ids of one Parquet input file, read from its id column only (else ``<file>#<row>``)."""
+    import pyarrow.parquet as pq
+
+    with source.filesystem.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if source.id_column in pf.schema_arrow.names:
+            return [str(v) for v in pf.read(columns=[source.id_column]).column(0).to_pylist()]
+        name = path.rsplit("/", 1)[-1]
+        return [f"{name}#{row}" for row in range(pf.metadata.num_rows)]
+
+
+def plan_addition(
+    source: Any, chunk_size: int, first_chunk: int, explained: set[str]
+) -> tuple[list[dict[str, Any]], str, int]:
+    """Chunks, numbered from ``first_chunk``, of the inputs whose id is not in ``explained``.
+
+    Files are sorted by image id; Parquet rows stay in file order, a chunk within one file. An id
+    listed twice is planned once.
+
+    Returns:
+        ``(chunks, digest of the planned ids, number of inputs already in explained)``.
+    """
+    digest = hashlib.sha256(f"{source.kind}\n{chunk_size}\n".encode())
+    planned: set[str] = set()
+    present: set[str] = set()  # inputs already explained
+    chunks: list[dict[str, Any]] = []
+    if source.kind == "files":
+        pairs = _file_pairs(source)
+        present = {k for k in pairs if k in explained}
+        ids = sorted(k for k in pairs if k not in explained)
+        for i in range(0, len(ids), chunk_size):
+            part = ids[i : i + chunk_size]
+            chunks.append({"chunk": first_chunk + len(chunks), "ids": part, "paths": [pairs[k] for k in part]})
+        planned.update(ids)
+    else:
+        for path, _ in sorted(zip(source.paths, source.ids)):
+            rows = []
+            for row, image_id in enumerate(_parquet_ids(source, path)):
+                if image_id in explained:
+                    present.add(image_id)
+                elif image_id not in planned:
+                    planned.add(image_id)
+                    rows.append(row)
+                    digest.update(f"{path}\t{row}\n".encode())
+            for i in range(0, len(rows), chunk_size):
+                chunks.append({"chunk": first_chunk + len(chunks), "file": path, "rows": rows[i : i + chunk_size]})
+    for image_id in sorted(planned):
+        digest.update(image_id.encode() + b"\n")
+    return chunks, digest.hexdigest(), len(present)
+
+
 # ------------------------------------------------------------------------ output directory
 
 
@@ -177,8 +248,30 @@ def _finished_chunks(fs: Any, root: str) -> set[int]:
     return {int(m.group(1)) for m in map(_PART.match, _names(fs, root)) if m}
 
 
+def _explained_ids(fs: Any, root: str, below: int | None = None) -> set[str]:
+    """Image ids in the part files of ``root`` (those of chunks before ``below``); only that column is read."""
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(name: str) -> list[str]:
+        with fs.open(f"{root}/{name}", "rb") as f:
+            return pq.ParquetFile(f).read(columns=["image_id"]).column(0).to_pylist()
+
+    names = [chunk_file(i) for i in sorted(_finished_chunks(fs, root)) if below is None or i < below]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # object stores answer slowly, one file at a time
+        return {image_id for ids in pool.map(read, names) for image_id in ids}
+
+
+def _generations(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs recorded in a manifest; one written before additions existed is one run from chunk 0."""
+    if "generations" in manifest:
+        return list(manifest["generations"])
+    keys = ("input", "input_kind", "num_inputs", "num_chunks", "fingerprint")
+    return [{"first_chunk": 0, **{k: manifest.get(k) for k in keys}}]
+
+
 def _check_output(fs: Any, root: str, output: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """Compare the planned job with the one already in ``output``; refuse a mismatch.
+    """Compare the planned job's model and settings with those of the job already in ``output``; refuse a mismatch.
 
     Returns:
         The existing manifest, or ``None`` when ``output`` is new or empty.
@@ -197,19 +290,14 @@ def _check_output(fs: Any, root: str, output: str, manifest: dict[str, Any]) -> 
         raise ValueError(
             f"output {output!r} already holds explanations made by {existing.get('model_uri')}, not "
             f"{manifest['model_uri']}; results of two models are never mixed. Choose another --output "
-            f"(or pass --model {existing.get('model_uri')} to finish that job)."
+            f"(or pass --model {existing.get('model_uri')} to finish or add to that job)."
         )
     for key in _SETTINGS:
-        if existing.get(key, _UNRECORDED.get(key)) != manifest[key]:
+        if existing.get(key, _SETTING_DEFAULTS.get(key)) != manifest[key]:
             raise ValueError(
-                f"output {output!r} was written with {key}={existing.get(key, _UNRECORDED.get(key))!r}, this run asks for "
-                f"{manifest[key]!r}; rerun with the same setting or choose another --output."
+                f"output {output!r} was written with {key}={existing.get(key, _SETTING_DEFAULTS.get(key))!r}, "
+                f"this run asks for {manifest[key]!r}; rerun with the same setting or choose another --output."
             )
-    if existing.get("fingerprint") != manifest["fingerprint"]:
-        raise ValueError(
-            f"the input changed since the job in {output!r} started ({existing.get('num_inputs')} inputs then, "
-            f"{manifest['num_inputs']} now from {manifest['input']!r}); choose another --output for the new input."
-        )
     return existing
 
 
@@ -227,30 +315,32 @@ def _absolute(spec: str) -> str:
 
 
 def _read_parquet_rows(
-    fs: Any, path: str, start: int, stop: int, image_column: str, id_column: str, class_column: str | None = None
+    fs: Any, path: str, rows: Sequence[int], image_column: str, id_column: str, class_column: str | None = None
 ) -> tuple[list[str], list[bytes | None], list[Any]]:
-    """Rows ``[start, stop)`` of one Parquet file: ids, image bytes and the class column's values
-    (``None`` each without ``class_column``); only the row groups that overlap the rows are read."""
+    """The ``rows`` (ascending) of one Parquet file: ids, image bytes and the class column's values
+    (``None`` each without ``class_column``); only the row groups that hold the rows are read."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         columns = [image_column] + ([id_column] if id_column in pf.schema_arrow.names else [])
         columns += [class_column] if class_column else []
-        groups, first, offset = [], 0, 0
+        groups, local, kept, offset = [], [], 0, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
-            if offset < stop and offset + n > start:
-                first = offset if not groups else first
+            lo, hi = bisect_left(rows, offset), bisect_left(rows, offset + n)
+            if hi > lo:
                 groups.append(g)
+                local.extend(kept + r - offset for r in rows[lo:hi])
+                kept += n
             offset += n
-        table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+        table = pf.read_row_groups(groups, columns=columns).take(local)
     blobs = table.column(image_column).to_pylist()
     if id_column in columns:
         ids = [str(v) for v in table.column(id_column).to_pylist()]
     else:
         name = path.rsplit("/", 1)[-1]
-        ids = [f"{name}#{row}" for row in range(start, stop)]
+        ids = [f"{name}#{row}" for row in rows]
     wanted = table.column(class_column).to_pylist() if class_column else [None] * len(blobs)
     return ids, blobs, wanted
 
@@ -284,9 +374,8 @@ def _prepare_chunk(
         wanted: list[Any] = [classes] * len(entries)
     else:
         column = classes if isinstance(classes, str) else None
-        ids, blobs, wanted = _read_parquet_rows(
-            filesystem, chunk["file"], chunk["start"], chunk["stop"], image_column, id_column, column
-        )
+        rows = chunk["rows"] if "rows" in chunk else range(chunk["start"], chunk["stop"])
+        ids, blobs, wanted = _read_parquet_rows(filesystem, chunk["file"], rows, image_column, id_column, column)
         entries = [(i, b, None if b is not None else "no image bytes (null)") for i, b in zip(ids, blobs)]
         wanted = wanted if column else [classes] * len(entries)
     items: list[Prepared] = []
@@ -322,7 +411,14 @@ class ChunkExplainer:
     """
 
     def __init__(
-        self, model_uri: str, tracking_uri: str | None, topk: int, batch_size: int, use_gpu: bool, threads: int | None = None
+        self,
+        model_uri: str,
+        tracking_uri: str | None,
+        topk: int,
+        batch_size: int,
+        use_gpu: bool,
+        threads: int | None = None,
+        maps: str = "pred",
     ) -> None:
         import torch
 
@@ -345,6 +441,7 @@ class ChunkExplainer:
         self.model_uri = model_uri
         self.topk = topk
         self.batch_size = batch_size
+        self.topk_maps = maps == "topk"
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -377,7 +474,11 @@ class ChunkExplainer:
         rows: list[dict[str, Any]] = []
         for i in range(0, len(items), self.batch_size):
             window = slice(i, i + self.batch_size)
-            rows.extend(explain_prepared(self.explainer, items[window], topk=self.topk, classes=classes[window]))
+            rows.extend(
+                explain_prepared(
+                    self.explainer, items[window], topk=self.topk, classes=classes[window], topk_maps=self.topk_maps
+                )
+            )
         table = explanations_table(list(chunk["image_id"]), rows, self.model_uri)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
@@ -496,6 +597,7 @@ def explain_to_parquet(
     id_column: str = "image_id",
     classes: int | str | None = None,
     view: str = "crop",
+    maps: str = "pred",
     address: str | None = None,
     progress: bool = True,
     tracking_uri: str | None = None,
@@ -503,8 +605,9 @@ def explain_to_parquet(
     """Explain every image of ``input`` into Parquet files under ``output``, exactly once.
 
     Rerunning the same call after a crash finishes the job without redoing finished chunks; a
-    rerun of a finished job does nothing and says so. Uses the running Ray instance, or starts
-    one at ``address`` (default ``RAY_ADDRESS`` or a local Ray) and stops it at the end.
+    rerun of a finished job does nothing and says so. Another ``input`` (a grown folder) with the
+    same model and settings adds only the images ``output`` lacks. Uses the running Ray instance, or
+    starts one at ``address`` (default ``RAY_ADDRESS`` or a local Ray) and stops it at the end.
 
     Args:
         model: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or an ``Explainer.save`` directory.
@@ -522,6 +625,8 @@ def explain_to_parquet(
             each row's class (an index or a label; null rows and the default explain the prediction).
         view: ``"crop"``: the map covers the classifier's centre crop; ``"full"``: the whole image
             (letterboxed: longer side resized, padded with the mean; the map is cut to the image).
+        maps: ``"pred"``: the map of that class only; ``"topk"``: also the maps of all ``topk_classes``
+            (``topk_saliency``), from the same pass.
         address: Ray cluster to use when Ray is not initialised yet.
         progress: show a progress bar.
         tracking_uri: MLflow registry of a ``models:/`` model (default: ``MLFLOW_TRACKING_URI``, else
@@ -531,13 +636,16 @@ def explain_to_parquet(
         An :class:`ExplainSummary` of this run.
 
     Raises:
-        ValueError: ``output`` holds another job (another model, input or setting) or foreign files.
+        ValueError: ``output`` holds another job (another model or setting) or foreign files.
+        RuntimeError: the part files an unfinished addition was planned from have changed.
     """
     for name, value in (("model", model), ("input", input), ("output", output)):
         if not isinstance(value, str) or not value:
             raise TypeError(f"{name} must be a non-empty string, got {value!r}")
     _check_positive(batch_size=batch_size, concurrency=concurrency, topk=topk, chunk_size=chunk_size, max_pixels=max_pixels)
     _check_classes(classes)
+    if maps not in MAPS:
+        raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
     from ptame.data import check_view
     from ptame.explanations import read_manifest
     from ptame.records import resolve_class
@@ -574,17 +682,34 @@ def explain_to_parquet(
         "max_pixels": max_pixels,
         "classes": classes,
         "view": view,
+        "maps": maps,
     }
-    if _check_output(fs, root, output, manifest) is None:
+    existing = _check_output(fs, root, output, manifest)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    generation = {k: manifest[k] for k in ("input", "input_kind", "num_inputs", "fingerprint")}
+    already = 0
+    if existing is None:
         fs.makedirs(root, exist_ok=True)
-        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest |= {"created": now, "generations": [{**generation, "first_chunk": 0, "num_chunks": len(chunks), "started": now}]}
         _write_atomically(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    elif (last := _generations(existing)[-1])["fingerprint"] != fingerprint:
+        chunks, already = _start_addition(fs, root, output, source, size, existing, manifest, generation, now)
+        if not chunks:
+            return ExplainSummary(output, model_uri, 0, 0, time.perf_counter() - start, 0, 0, num_inputs, already)
+    elif last["first_chunk"]:  # finishing an addition: the same chunks as when it started
+        chunks, digest, already = plan_addition(source, size, last["first_chunk"], _explained_ids(fs, root, last["first_chunk"]))
+        if digest != last["digest"] or len(chunks) != last["num_chunks"]:
+            raise RuntimeError(
+                f"the explanations before {chunk_file(last['first_chunk'])} in {output!r} changed since the addition "
+                f"of {last['input']!r} started (part files deleted or replaced?), so it cannot be finished exactly "
+                "once; explain into a new --output."
+            )
     done = _finished_chunks(fs, root)
     pending = [c for c in chunks if c["chunk"] not in done]
     skipped = len(chunks) - len(pending)
     if not pending:
         logger.info("nothing to do: all %d chunks (%d inputs) in %s are done with %s", len(chunks), num_inputs, output, model_uri)
-        return ExplainSummary(output, model_uri, 0, 0, time.perf_counter() - start, 0, skipped, num_inputs)
+        return ExplainSummary(output, model_uri, 0, 0, time.perf_counter() - start, 0, skipped, num_inputs, already)
     if skipped:
         logger.info("resuming: %d of %d chunks already done, %d to go", skipped, len(chunks), len(pending))
     for name in filter(_TEMPORARY.match, _names(fs, root)):
@@ -592,19 +717,65 @@ def explain_to_parquet(
     images, errors, written = _run_pipeline(
         pending, source, model_uri, tracking_uri, output, explainer.preprocessing.to_dict(),
         chunk_size=size, batch_size=batch_size, concurrency=concurrency, topk=topk, use_gpu=use_gpu,
-        max_pixels=max_pixels, classes=classes, view=view, address=address, progress=progress,
+        max_pixels=max_pixels, classes=classes, view=view, maps=maps, address=address, progress=progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    missing = len(chunks) - len(_finished_chunks(fs, root))
+    missing = len({c["chunk"] for c in chunks} - _finished_chunks(fs, root))
     if missing:
         raise RuntimeError(f"{missing} chunks of {output} were not written; rerun the same command to finish them")
-    summary = ExplainSummary(output, model_uri, images, errors, seconds, written, skipped, num_inputs)
+    summary = ExplainSummary(output, model_uri, images, errors, seconds, written, skipped, num_inputs, already)
     logger.info(
         "explained %d images (%d errors) in %.1f s, %.2f images/s, into %s with %s%s",
         images, errors, seconds, summary.images_per_s, output, model_uri,
         f" ({skipped} chunks were already done)" if skipped else "",
     )  # fmt: skip
     return summary
+
+
+def _start_addition(
+    fs: Any,
+    root: str,
+    output: str,
+    source: Any,
+    chunk_size: int,
+    existing: dict[str, Any],
+    manifest: dict[str, Any],
+    generation: dict[str, Any],
+    now: str,
+) -> tuple[list[dict[str, Any]], int]:
+    """Plan the inputs that ``output`` lacks and record them as a new generation before any is written.
+
+    Returns:
+        ``(chunks, number of inputs already explained)``; no chunks when nothing is new.
+    """
+    generations = _generations(existing)
+    last = generations[-1]
+    explained = _explained_ids(fs, root)
+    done = _finished_chunks(fs, root)
+    first = max([last["first_chunk"] + (last["num_chunks"] or 0), *(i + 1 for i in done)])
+    unfinished = set(range(last["first_chunk"], last["first_chunk"] + (last["num_chunks"] or 0))) - done
+    if unfinished:
+        logger.warning(
+            "the last run into %s (input %s) left %d of its chunks unwritten; it is not resumed, its "
+            "images that %s still holds are explained now",
+            output, last["input"], len(unfinished), manifest["input"],
+        )  # fmt: skip
+    chunks, digest, already = plan_addition(source, chunk_size, first, explained)
+    new = sum(len(c["ids"]) if "ids" in c else len(c["rows"]) for c in chunks)
+    gone = len(explained) - already
+    if not chunks:
+        logger.info("nothing new: all %d inputs of %s are already explained in %s", already, manifest["input"], output)
+        return [], already
+    logger.info(
+        "%d images already explained in %s, explaining %d new%s", already, output, new,
+        f" ({gone} explained images are no longer in the input; their rows are kept)" if gone > 0 else "",
+    )  # fmt: skip
+    generations.append(
+        {**generation, "first_chunk": first, "num_chunks": len(chunks), "num_new": new, "digest": digest, "started": now}
+    )
+    updated = {**existing, **{k: manifest[k] for k in generation}, "num_chunks": first + len(chunks), "generations": generations}
+    _write_atomically(fs, f"{root}/{MANIFEST}", json.dumps(updated, indent=2).encode())  # before any chunk of it
+    return chunks, already
 
 
 def _run_pipeline(
@@ -623,6 +794,7 @@ def _run_pipeline(
     max_pixels: int,
     classes: int | str | None,
     view: str,
+    maps: str,
     address: str | None,
     progress: bool,
 ) -> tuple[int, int, int]:
@@ -675,6 +847,7 @@ def _run_pipeline(
                     "batch_size": batch_size,
                     "use_gpu": use_gpu,
                     "threads": threads,
+                    "maps": maps,
                 },
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=1,
@@ -684,7 +857,7 @@ def _run_pipeline(
             .map(_write_chunk, fn_kwargs={"output": output}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=concurrency))
         )
         images = errors = written = 0
-        total = sum(len(c["ids"]) if "ids" in c else c["stop"] - c["start"] for c in pending)
+        total = sum(len(c["ids"]) if "ids" in c else len(c["rows"]) if "rows" in c else c["stop"] - c["start"] for c in pending)
         with tqdm(total=total, unit="img", desc="explain", disable=None if progress else True) as bar:
             for row in ds.iter_rows():
                 images += row["images"]
@@ -710,11 +883,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Explain every image of INPUT with a P-TAME explainer into Parquet files under DIR (one row per "
         "image; bad inputs become rows with `error` set). Rerun the same command after a crash to finish "
-        "the job: finished chunks are kept, nothing is duplicated."
+        "the job: finished chunks are kept, nothing is duplicated. Run it again with a grown or another INPUT "
+        "into the same DIR (same model and settings) to explain only the images DIR lacks; rows of inputs "
+        "removed since are kept."
     )
     parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, or a directory saved by Explainer.save")
     parser.add_argument("--input", required=True, help="folder (recursive), glob, .txt list of paths, or Parquet with an image-bytes column; local or s3://, gs://, ...")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output directory (local or URI) for part-*.parquet and the job manifest")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory (local or URI) for part-*.parquet and the job manifest; an existing one made with the same model and settings gets only the images it lacks")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=None, help="explain actors (default: one per GPU with --use-gpu, else half the CPUs)")
     parser.add_argument("--topk", type=int, default=5, help="top classes recorded per image (default: %(default)s)")
@@ -725,6 +900,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
     parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image, or the column of a Parquet input holding each row's class index or label (default: the predicted class)")
     parser.add_argument("--view", choices=VIEWS, default="crop", help="what each map covers: 'crop', the centre square the classifier sees (crop_box says where); 'full', the whole image, letterboxed (longer side resized, padded with the mean, the map cut to the image: its shape follows the aspect ratio, crop_box is the whole image). A rerun must keep the job's view (default: %(default)s)")
+    parser.add_argument("--maps", choices=MAPS, default="pred", help="pred: the map of the explained class (saliency); topk: also the maps of all --topk classes in topk_saliency, from the same pass (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI of a models:/ model (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -740,7 +916,8 @@ def main(args: argparse.Namespace) -> int:
         args.model, args.input, args.output,
         batch_size=args.batch_size, concurrency=args.concurrency, topk=args.topk, use_gpu=args.use_gpu,
         chunk_size=args.chunk_size, max_pixels=args.max_pixels, image_column=args.image_column,
-        id_column=args.id_column, classes=args.classes, view=args.view, address=args.address, progress=not args.no_progress,
+        id_column=args.id_column, classes=args.classes, view=args.view, maps=args.maps, address=args.address,
+        progress=not args.no_progress,
         tracking_uri=args.tracking_uri,
     )  # fmt: skip
     return 0

@@ -315,9 +315,15 @@ class Explainer(nn.Module):
         if cls_t.dim() != 2 or cls_t.shape[0] != probs.shape[0]:
             raise ValueError(f"classes must be an int, (B,) or (B, k); got shape {tuple(cls_t.shape)}")
         lo, hi = torch.stack(torch.aminmax(cls_t)).tolist()  # one host sync
-        if lo < -1 or hi >= probs.shape[1]:
-            raise ValueError(f"classes must be in [0, {probs.shape[1] - 1}] (-1: the prediction), got {lo}..{hi}")
-        return torch.where(cls_t < 0, probs.argmax(1, keepdim=True), cls_t) if lo < 0 else cls_t
+        if lo < -probs.shape[1] or hi >= probs.shape[1]:
+            raise ValueError(
+                f"classes must be in [0, {probs.shape[1] - 1}] (or -1 to -{probs.shape[1]}: the top predictions), "
+                f"got {lo}..{hi}"
+            )
+        if lo >= 0:
+            return cls_t
+        ranked = probs.topk(-lo, dim=1).indices  # -j: the j-th predicted class
+        return torch.where(cls_t < 0, ranked.gather(1, (-cls_t - 1).clamp(min=0)), cls_t)
 
     def explain(
         self, images: Tensor, classes: Tensor | Sequence[int] | int | None = None, topk: int = 1
@@ -327,7 +333,7 @@ class Explainer(nn.Module):
         Args:
             images: ``(B, 3, H, W)`` in ``[0, 1]``.
             classes: an int (same class for all), ``(B,)`` one class per image, or ``(B, k)``;
-                ``-1`` stands for the image's predicted class.
+                ``-j`` stands for the image's j-th predicted class (``-1``: the prediction).
             topk: how many top predictions to explain when ``classes`` is ``None``.
 
         Returns:

@@ -53,6 +53,8 @@ SCHEMA = pa.schema(
         pa.field("saliency_label", pa.string()),
         pa.field("saliency_score", pa.float32()),
         pa.field("saliency_shape", pa.list_(pa.int32())),  # (h, w)
+        # the maps of topk_classes, in that order, quantised like saliency; null unless --maps topk
+        pa.field("topk_saliency", pa.list_(pa.binary())),
         pa.field("crop_box", pa.list_(pa.int32())),  # (left, top, right, bottom) in original pixels
         pa.field("model_uri", pa.string(), nullable=False),
         pa.field("error", pa.string()),
@@ -60,6 +62,8 @@ SCHEMA = pa.schema(
 )
 
 _ROW_COLUMNS = [f.name for f in SCHEMA if f.name not in ("image_id", "model_uri")]
+#: columns a row may leave out (null): only made when asked for
+_OPTIONAL = frozenset({"topk_saliency"})
 
 
 def explanations_table(image_ids: Sequence[str], rows: Sequence[dict[str, Any]], model_uri: str) -> pa.Table:
@@ -68,7 +72,7 @@ def explanations_table(image_ids: Sequence[str], rows: Sequence[dict[str, Any]],
         raise ValueError(f"image_ids has {len(image_ids)} entries but rows has {len(rows)}")
     columns: dict[str, list[Any]] = {"image_id": [str(i) for i in image_ids]}
     for name in _ROW_COLUMNS:
-        columns[name] = [row[name] for row in rows]
+        columns[name] = [row.get(name) if name in _OPTIONAL else row[name] for row in rows]
     columns["model_uri"] = [model_uri] * len(rows)
     return pa.Table.from_pydict({f.name: columns[f.name] for f in SCHEMA}, schema=SCHEMA)
 
@@ -132,7 +136,8 @@ def read_explanations(
 
     Returns:
         One row per image; ``saliency`` holds ``(h, w)`` float32 arrays in ``[0, 1]`` (``None`` on
-        error rows); integer and float columns are nullable (``Int32``, ``Float32``).
+        error rows), ``topk_saliency`` a list of them (``None`` unless made with ``--maps topk``);
+        integer and float columns are nullable (``Int32``, ``Float32``).
     """
     import pandas as pd
     import pyarrow.compute as pc
@@ -143,7 +148,8 @@ def read_explanations(
     unknown = sorted(set(names) - set(SCHEMA.names))
     if unknown:
         raise ValueError(f"columns {unknown} are not explanation columns; choose from {SCHEMA.names}")
-    wanted = list(dict.fromkeys(names + (["saliency_shape"] if "saliency" in names else [])))
+    maps = [name for name in ("saliency", "topk_saliency") if name in names]
+    wanted = list(dict.fromkeys(names + (["saliency_shape"] if maps else [])))
     dataset = explanations_dataset(directory)
     where = None if errors else pc.field("error").is_null()
     if limit is None:
@@ -153,6 +159,10 @@ def read_explanations(
     df = table.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype(), pa.float32(): pd.Float32Dtype()}.get)
     if "saliency" in names:
         df["saliency"] = [saliency_array(d, s) for d, s in zip(df["saliency"], df["saliency_shape"])]
-        if "saliency_shape" not in names:
-            df = df.drop(columns="saliency_shape")
+    if "topk_saliency" in names:
+        df["topk_saliency"] = [
+            None if ds is None else [saliency_array(d, s) for d in ds] for ds, s in zip(df["topk_saliency"], df["saliency_shape"])
+        ]
+    if maps and "saliency_shape" not in names:
+        df = df.drop(columns="saliency_shape")
     return df

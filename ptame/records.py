@@ -7,6 +7,8 @@ A row holds ``pred_class``, ``pred_label``, ``pred_score``, ``topk_classes``, ``
 and ``error`` (``None`` or why it failed). ``crop_box`` is the region of the original image the map
 covers: the classifier's centre crop (``view="crop"``), or the whole image (``view="full"``: a
 letterboxed input whose map is cut to the image content, so ``saliency_shape`` follows its aspect ratio).
+With ``topk_maps`` a row also holds ``topk_saliency``: the maps of ``topk_classes``, in that order,
+cut and quantised like ``saliency``.
 """
 
 from __future__ import annotations
@@ -121,13 +123,17 @@ def resolve_class(value: int | str, class_names: Sequence[str]) -> int:
 
 
 def explain_prepared(
-    explainer: Explainer, items: Sequence[Prepared], topk: int = 5, classes: Sequence[int | None] | None = None
+    explainer: Explainer,
+    items: Sequence[Prepared],
+    topk: int = 5,
+    classes: Sequence[int | None] | None = None,
+    topk_maps: bool = False,
 ) -> list[dict[str, Any]]:
     """Explain the good items in one batch; every item gets a row (bad ones with ``error`` set).
 
     ``classes`` (one entry per item, ``None`` for the prediction) chooses the class each map explains;
-    one backbone pass and one map per image either way. A letterboxed item's map is cut to its image
-    (:func:`content_map`).
+    ``topk_maps`` adds the maps of all ``topk_classes`` (``topk_saliency``). One backbone pass either
+    way. A letterboxed item's maps are cut to its image (:func:`content_map`).
     """
     if classes is not None and len(classes) != len(items):
         raise ValueError(f"classes has {len(classes)} entries for {len(items)} items")
@@ -139,12 +145,19 @@ def explain_prepared(
     batch = torch.stack([items[i].tensor for i in good]).to(device)  # type: ignore[misc]
     k = min(topk, explainer.backbone.num_classes)
     wanted = [-1 if classes is None or classes[i] is None else int(classes[i]) for i in good]  # -1: the prediction
-    result = explainer.explain(batch, classes=torch.tensor(wanted, device=device))  # one map per image
+    request = torch.tensor(wanted, device=device)  # one map per image
+    first = 0  # column of the top-k maps in the result
+    if topk_maps:  # -j: the j-th prediction, so the top-k maps come from the same pass
+        ranks = torch.arange(-1, -k - 1, -1, device=device).expand(len(good), k)
+        first = 0 if all(w == -1 for w in wanted) else 1  # the prediction's map is the first top-k map
+        request = torch.cat([request[:, None], ranks], 1) if first else ranks
+    result = explainer.explain(batch, classes=request)
     top = result.probs.topk(k, dim=1)
     # the whole batch to the host at once: per-row reads would each wait on the GPU
     all_classes, all_scores = top.indices.cpu().tolist(), top.values.float().cpu().tolist()
     targets, target_scores = result.classes[:, 0].cpu().tolist(), result.scores[:, 0].float().cpu().tolist()
     maps = result.saliency[:, 0].float().cpu()
+    ranked = result.saliency[:, first : first + k].float().cpu() if topk_maps else None
     names, size = explainer.class_names, explainer.preprocessing.input_size
     for j, i in enumerate(good):
         classes_j, scores, sal = all_classes[j], all_scores[j], content_map(maps[j], items[i].content, size)
@@ -166,6 +179,8 @@ def explain_prepared(
             "saliency_shape": [int(sal.shape[0]), int(sal.shape[1])],
             "error": None,
         }
+        if ranked is not None:
+            rows[i]["topk_saliency"] = [quantize(content_map(m, items[i].content, size)) for m in ranked[j]]
     return rows
 
 

@@ -350,6 +350,122 @@ def test_cli_full_view_maps_the_whole_image_and_a_job_keeps_its_view(tmp_path, l
         explain_to_parquet(str(model), str(images), str(tmp_path / "other"), view="wide", progress=False)
 
 
+# ----------------------------------------------------------- adding to an existing output
+
+
+def test_cli_adds_only_new_images_and_resumes_an_interrupted_addition(tmp_path, saved_model, explainer, local_ray) -> None:
+    data, bad = mixed_files()
+    names = sorted(data)
+    first = {k: data[k] for k in names[:7] if k != "bomb.png"}  # the bomb is slow to refuse: once is enough
+    images = write_files(tmp_path / "images", first)
+    out = tmp_path / "out"
+    command = _cli("--model", str(saved_model), "--input", str(images), "--output", str(out), "--chunk-size", "2",
+                   "--topk", "4", "--address", local_ray)  # fmt: skip
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert sorted(before) == [chunk_file(i) for i in range(3)]
+
+    added = {k: data[k] for k in names[7:]}  # the folder grows by images and bad files
+    write_files(images, added)
+    grown = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert f"{len(first)} images already explained in {out}, explaining {len(added)} new" in grown.stderr, grown.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in before} == before  # not redone
+    new_parts = sorted(p.name for p in out.glob("part-*.parquet") if p.name not in before)
+    assert new_parts == [chunk_file(i) for i in range(3, 3 + -(-len(added) // 2))]
+    check_rows(read_explanations(str(out)), explainer, first | added, bad, str(saved_model.resolve()))
+    manifest = read_manifest(str(out))
+    assert [(g["first_chunk"], g["num_chunks"]) for g in manifest["generations"]] == [(0, 3), (3, len(new_parts))]
+
+    # an addition killed half-way: one of its chunks lost, a temporary left; the same command finishes it
+    (out / new_parts[1]).unlink()
+    (out / f".{new_parts[1]}.{'0123abcd' * 4}.tmp").write_bytes(b"PAR1 half-written by a killed run")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    summary = explain_to_parquet(str(saved_model), str(images), str(out), topk=4, progress=False)
+    assert (summary.chunks_written, summary.chunks_skipped, summary.images) == (1, len(new_parts) - 1, 2)
+    assert summary.already_explained == len(first)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [chunk_file(i) for i in range(3 + len(new_parts))])
+    check_rows(read_explanations(str(out)), explainer, first | added, bad, str(saved_model.resolve()))
+    assert read_explanations(str(out), columns=["topk_saliency"])["topk_saliency"].isna().all()  # --maps pred
+
+    again = explain_to_parquet(str(saved_model), str(images), str(out), topk=4, progress=False)
+    assert (again.images, again.chunks_written) == (0, 0)
+    # removed inputs keep their rows; an input that is already there is not explained again
+    (images / sorted(first)[0]).unlink()
+    same = explain_to_parquet(str(saved_model), str(images), str(out), topk=4, progress=False)
+    assert (same.images, same.already_explained) == (0, len(first) + len(added) - 1)
+    assert len(read_explanations(str(out), columns=["image_id"])) == len(first) + len(added)
+
+    # another model or other settings are never mixed in
+    other = Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP).save(tmp_path / "other")
+    write_files(images, {"late.png": data[names[8]]})
+    with pytest.raises(ValueError, match="never mixed. Choose another --output"):
+        explain_to_parquet(str(other), str(images), str(out), topk=4, progress=False)
+    with pytest.raises(ValueError, match="maps='pred', this run asks for 'topk'.*choose another --output"):
+        explain_to_parquet(str(saved_model), str(images), str(out), maps="topk", topk=4, progress=False)
+    assert len(read_explanations(str(out), columns=["image_id"])) == len(first) + len(added)
+
+
+def test_parquet_input_addition_explains_only_new_rows(tmp_path, saved_model, explainer, local_ray) -> None:
+    data, bad = mixed_files()
+    good = sorted(k for k in data if k not in bad)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image_id": good[:3], "image": [data[k] for k in good[:3]]}), shards / "a.parquet")
+    out = tmp_path / "out"
+    assert explain_to_parquet(str(saved_model), str(shards), str(out), chunk_size=2, progress=False).images == 3
+    # a new shard repeats two explained ids between new ones; row groups of 2, so the new rows straddle them
+    ids = [good[3], good[0], good[4], good[1], good[5], "corrupt.jpg"]
+    pq.write_table(pa.table({"image_id": ids, "image": [data[k] for k in ids]}), shards / "b.parquet", row_group_size=2)
+    summary = explain_to_parquet(str(saved_model), str(shards), str(out), progress=False)
+    assert (summary.images, summary.errors, summary.already_explained, summary.chunks_written) == (4, 1, 3, 2)
+    expected = {k: data[k] for k in good[:6] + ["corrupt.jpg"]}
+    check_rows(read_explanations(str(out)), explainer, expected, {"corrupt.jpg"}, str(saved_model.resolve()))
+
+    (out / chunk_file(2)).unlink()  # the addition's first chunk lost: resumed from the same plan
+    resumed = explain_to_parquet(str(saved_model), str(shards), str(out), progress=False)
+    assert (resumed.images, resumed.chunks_written, resumed.chunks_skipped) == (2, 1, 1)
+    check_rows(read_explanations(str(out)), explainer, expected, {"corrupt.jpg"}, str(saved_model.resolve()))
+
+
+# ------------------------------------------------------------------------- --maps topk
+
+
+def test_cli_maps_topk_stores_every_top_class_map(tmp_path, local_ray) -> None:
+    from test_records import alternate_signs
+
+    torch.manual_seed(0)
+    model = Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP)
+    alternate_signs(model)  # known ground truth: maps of even and odd classes are inverses
+    saved = model.save(tmp_path / "model")
+    data, bad = mixed_files()
+    chosen = sorted(k for k in data if k not in bad)[:3] + ["corrupt.jpg"]
+    images = write_files(tmp_path / "images", {k: data[k] for k in chosen})
+    out = tmp_path / "out"
+    done = subprocess.run(_cli("--model", str(saved), "--input", str(images), "--output", str(out), "--maps", "topk",
+                               "--topk", "3", "--address", local_ray), env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_manifest(str(out))["maps"] == "topk"
+    df = read_explanations(str(out)).set_index("image_id")
+    assert df.loc["corrupt.jpg", "topk_saliency"] is None
+    for k in chosen[:3]:
+        row = df.loc[k]
+        maps = row.topk_saliency
+        assert len(maps) == 3 and all(m.shape == (16, 16) for m in maps)
+        np.testing.assert_array_equal(maps[0], row.saliency)  # the prediction's map is the first top-k map
+        expected = model.explain(prepare_image(data[k], model.preprocessing).tensor[None], classes=[list(row.topk_classes)])
+        for got, want in zip(maps, expected.saliency[0]):
+            np.testing.assert_allclose(got, want.numpy(), atol=QUANT)
+        parity = [(c - row.topk_classes[0]) % 2 for c in row.topk_classes]
+        for m, odd in zip(maps, parity):
+            np.testing.assert_allclose(m, 1 - maps[0] if odd else maps[0], atol=1 / 255 + 1e-6)
+        assert any(parity)  # 3 of 4 classes: some map differs from the first
+    with pytest.raises(ValueError, match="maps='topk', this run asks for 'pred'"):
+        explain_to_parquet(str(saved), str(images), str(out), topk=3, progress=False)
+
+
 # --------------------------------------------------------------- refusals before any work
 
 

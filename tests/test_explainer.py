@@ -52,7 +52,9 @@ def test_explain_requested_classes(tiny_explainer: Explainer) -> None:
     with pytest.raises(ValueError, match="classes must be in"):
         tiny_explainer.explain(images, classes=9)
     with pytest.raises(ValueError, match="classes must be in"):
-        tiny_explainer.explain(images, classes=-2)
+        tiny_explainer.explain(images, classes=-5)  # the tiny CNN has 4 classes
+    ranked = tiny_explainer.explain(images, classes=[[-2, -1, 1]] * 2)  # -j: the j-th prediction
+    assert ranked.classes.tolist() == [both.probs.topk(2).indices[i].flip(0).tolist() + [1] for i in range(2)]
     # -1 stands for the prediction: one pass explains chosen and predicted classes side by side
     mixed = tiny_explainer.explain(images, classes=torch.tensor([-1, 2]))
     predicted = both.probs.argmax(1)

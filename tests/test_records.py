@@ -106,3 +106,39 @@ def test_full_view_map_shape_follows_the_aspect_ratio(tiny_explainer, size) -> N
     assert row["crop_box"] == [0, 0, width, height] and len(row["saliency"]) == h * w
     assert max(h, w) == 16  # the longer side keeps every cell of the 16 x 16 map
     assert abs(min(h, w) - 16 * min(size) / max(size)) <= 1  # the shorter side: the image's share, to a cell
+
+
+def alternate_signs(explainer) -> None:
+    """Known ground truth: class k's fuser row is (-1)^k times class 0's, so the maps of an even and
+    an odd class are exact inverses (sigmoid(-x) = 1 - sigmoid(x), and min-max keeps that)."""
+    with torch.no_grad():
+        w = explainer.head.fuser.weight
+        w.copy_(w[:1] * torch.tensor([(-1.0) ** k for k in range(w.shape[0])]).view(-1, 1, 1, 1))
+
+
+def test_explain_prepared_topk_maps_from_the_same_pass(tiny_explainer) -> None:
+    alternate_signs(tiny_explainer)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(buf, "PNG")
+    items = [prepare_image(buf.getvalue(), tiny_explainer.preprocessing), prepare_image(b"nope", tiny_explainer.preprocessing)]
+    calls = []
+    handle = tiny_explainer.backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        good, bad = explain_prepared(tiny_explainer, items, topk=3, topk_maps=True)
+        chosen = explain_prepared(tiny_explainer, items[:1], topk=3, classes=[good["topk_classes"][2]], topk_maps=True)[0]
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one backbone pass per call
+    assert "topk_saliency" not in bad and bad["error"]
+    assert len(good["topk_saliency"]) == 3 and good["topk_saliency"][0] == good["saliency"]
+    expected = tiny_explainer.explain(items[0].tensor[None], topk=3)
+    maps = [dequantize(m, good["saliency_shape"]) for m in good["topk_saliency"]]
+    for got, want in zip(maps, expected.saliency[0]):
+        assert np.abs(got - want.numpy()).max() <= 0.5 / 255 + 1e-6
+    for c, m in zip(good["topk_classes"], maps):  # the ground truth: odd classes see the inverse map
+        assert np.abs(m - (maps[0] if (c - good["topk_classes"][0]) % 2 == 0 else 1 - maps[0])).max() <= 1 / 255 + 1e-6
+    assert max(np.abs(m - maps[0]).max() for m in maps) > 0.5  # they differ across classes
+    # a chosen class: saliency is its map, the top-k maps are still those of topk_classes
+    assert chosen["saliency_class"] == good["topk_classes"][2] and chosen["topk_saliency"] == good["topk_saliency"]
+    assert chosen["saliency"] == good["topk_saliency"][2]
+    assert "topk_saliency" not in explain_prepared(tiny_explainer, items[:1], topk=3)[0]
