@@ -23,7 +23,7 @@ def run(params) -> None:
     tracking = params["register.tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or record["tracking_uri"]
     x = params["explain"]
     argv = ["explain", "--model", record["model_uri"], "--tracking-uri", tracking, "--input", INPUT, "--output", OUT,
-            "--batch-size", str(x["batch_size"]), "--topk", str(x["topk"])]  # fmt: skip
+            "--batch-size", str(x["batch_size"]), "--topk", str(x["topk"]), "--view", x["view"], "--maps", x["maps"]]  # fmt: skip
     if x["concurrency"]:
         argv += ["--concurrency", str(x["concurrency"])]
     if x["use_gpu"]:

@@ -57,7 +57,7 @@ KNOWN_KEYS: dict[str, Any] = {
         "gallery": dict.fromkeys(("images", "methods")),
     },
     "register": dict.fromkeys(("name", "alias", "decide_by", "tracking_uri", "experiment")),
-    "explain": dict.fromkeys(("batch_size", "concurrency", "topk", "use_gpu")),
+    "explain": dict.fromkeys(("batch_size", "concurrency", "topk", "use_gpu", "view", "maps")),
 }  # fmt: skip
 
 
