@@ -22,7 +22,8 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_cells, red_explainer, red_scene
 from PIL import Image
 
-from ptame.batch import _actor_threads, _actors, _class_option, chunk_file, explain_to_parquet
+from ptame.batch import _actor_threads, _actors, _class_option, explain_to_parquet
+from ptame.jobs import chunk_file
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
 from ptame.records import prepare_image
