@@ -365,7 +365,7 @@ def _train_total_steps(rows: int, cfg: TrainConfig) -> tuple[int, int]:
     if cfg.max_steps and cfg.max_steps < total:
         logger.info("training %d steps (max_steps; %d epochs would be %d)", cfg.max_steps, cfg.epochs, total)
         return per_epoch, cfg.max_steps
-    limit = "no max_steps" if not cfg.max_steps else f"max_steps {cfg.max_steps} " + ("not reached" if cfg.max_steps > total else "too")
+    limit = f"max_steps {cfg.max_steps} not reached" if cfg.max_steps else "no max_steps"
     logger.info("training %d epochs of %d steps = %d steps (epochs; %s)", cfg.epochs, per_epoch, total, limit)
     return per_epoch, total
 
