@@ -1,12 +1,15 @@
 """``ptame explain``: bulk-explain images into Parquet with Ray Data, resumable and safe on bad input.
 
-The pipeline streams chunks of inputs through three Ray Data stages, so memory stays bounded
-whatever the input size::
+The pipeline streams chunks of inputs through Ray Data stages, so memory stays bounded whatever
+the input size::
 
-    chunk (ids, paths) --map, CPU tasks------> read bytes, decode, preprocess (bad input -> error)
-                       --map, actor pool-----> explain (model loaded once per actor; GPU actors
-                                               with use_gpu), encode the chunk as Parquet
-                       --map, I/O tasks------> write part-<chunk>.parquet atomically
+    chunk (ids, paths) --map, actor pool-----> read bytes, decode, preprocess (bad input -> error),
+                                               explain (model loaded once per actor), write the
+                                               chunk as part-<chunk>.parquet atomically
+
+CPU actors decode their own chunks with the CPUs they reserve (one per torch thread): no pixels
+cross the object store and no stage waits on another. GPU actors (``use_gpu``) are fed by a CPU
+stage that reads, decodes and preprocesses, so that decoding on the CPUs overlaps the GPUs.
 
 Rows are chunks, not images, so that a chunk is one unit from reading to its file (Ray Data's own
 readers and writers do not keep such units apart, and exactly-once needs them).
@@ -235,7 +238,10 @@ def _prepare_chunk(
 class ChunkExplainer:
     """Actor stage: loads the pinned explainer once, then explains chunk after chunk.
 
-    Returns each chunk encoded as a Parquet file (bytes) with :data:`ptame.explanations.SCHEMA`.
+    ``prepare``: the keyword arguments of :func:`_prepare_chunk` when the actor reads and decodes its
+    chunks itself (CPU actors); ``None`` when a decode stage before it did (GPU actors). Each chunk
+    lands in ``output`` as one Parquet file (:data:`ptame.explanations.SCHEMA`), written atomically
+    by the actor (a separate write stage would start a fresh Ray worker for many of its writes).
     """
 
     def __init__(
@@ -247,12 +253,14 @@ class ChunkExplainer:
         use_gpu: bool,
         threads: int | None = None,
         maps: str = "pred",
+        prepare: dict[str, Any] | None = None,
+        output: str = "",
     ) -> None:
         import torch
 
         from ptame.registry import load_explainer
 
-        if threads:  # Ray caps an actor at the one CPU it reserves; decoding leaves most of the rest idle
+        if threads:
             torch.set_num_threads(threads)
 
         if tracking_uri:
@@ -270,6 +278,8 @@ class ChunkExplainer:
         self.topk = topk
         self.batch_size = batch_size
         self.topk_maps = maps == "topk"
+        self.prepare = prepare
+        self.output = output
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -280,6 +290,8 @@ class ChunkExplainer:
         from ptame.explanations import explanations_table
         from ptame.records import Prepared, explain_prepared, resolve_class
 
+        if self.prepare is not None:
+            chunk = _prepare_chunk(chunk, **self.prepare)
         size = self.explainer.preprocessing.input_size
         pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
         items, classes, g = [], [], 0
@@ -310,9 +322,10 @@ class ChunkExplainer:
         table = explanations_table(list(chunk["image_id"]), rows, self.model_uri)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
+        fs, root = output_filesystem(self.output)
+        write_atomically(fs, f"{root}/{chunk_file(chunk['chunk'])}", sink.getvalue().to_pybytes())
         return {
             "chunk": chunk["chunk"],
-            "parquet": sink.getvalue().to_pybytes(),
             "images": len(rows),
             "errors": sum(r["error"] is not None for r in rows),
         }
@@ -327,39 +340,34 @@ def _decode_memory(max_pixels: int, chunk_size: int, preprocessing: dict[str, An
     return max(1, min(need, available // 4))
 
 
-def _actors(resources: dict[str, float], concurrency: int | None, use_gpu: bool) -> int:
-    """Explain actors to start: each takes a CPU (and a GPU), and decoding needs at least one CPU more."""
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-    if use_gpu and gpus == 0:
-        raise ValueError("use_gpu was set but the Ray cluster has no GPU; start GPU nodes or drop --use-gpu")
-    if concurrency is None:
-        concurrency = gpus if use_gpu else cpus // 2
-    if not 1 <= concurrency < cpus:
-        raise ValueError(
-            f"concurrency={concurrency} explain actors on {cpus} CPUs leaves no CPU to decode images; "
-            f"use 1 to {cpus - 1} (the cluster needs at least 2 CPUs)"
-        )
-    return concurrency
+def _actor_layout(nodes: Sequence[dict[str, float]], concurrency: int | None, use_gpu: bool) -> tuple[int, int]:
+    """``(actors, torch threads each)`` for the alive nodes' resources.
 
-
-def _actor_threads(resources: dict[str, float], actors: int, use_gpu: bool) -> int:
-    """torch threads per explain actor: the cluster's CPUs shared among the actors.
-
-    Decoding takes a small share of a CPU per image next to explaining it on a CPU (5 of 107 ms for
-    the embedded default), so CPU actors use every core rather than the one Ray reserves for each;
-    GPU actors need few threads and leave the cores to the decoding that feeds the GPU.
+    CPU actors decode their own chunks and reserve one CPU per thread: by default one actor per CPU
+    with one thread (two one-thread processes explain ~1.2x faster than one with two threads); a
+    given ``concurrency`` shares the CPUs among that many. GPU actors take a GPU and a CPU each,
+    with CPUs left for the decoding that feeds them, and need few threads.
     """
-    cpus = int(resources.get("CPU", 1))
+    cpus = [int(node.get("CPU", 0)) for node in nodes if node.get("CPU", 0) >= 1]
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
     if use_gpu:
-        return 2 if cpus >= 4 * actors else 1
-    return max(1, cpus // actors)
-
-
-def _write_chunk(chunk: dict[str, Any], *, output: str) -> dict[str, Any]:
-    """Write stage: the chunk's Parquet bytes land under their final name atomically."""
-    fs, root = output_filesystem(output)
-    write_atomically(fs, f"{root}/{chunk_file(chunk['chunk'])}", chunk["parquet"])
-    return {"chunk": chunk["chunk"], "images": chunk["images"], "errors": chunk["errors"]}
+        if gpus == 0:
+            raise ValueError("use_gpu was set but the Ray cluster has no GPU; start GPU nodes or drop --use-gpu")
+        actors = gpus if concurrency is None else concurrency
+        if not 1 <= actors < sum(cpus):
+            raise ValueError(
+                f"concurrency={actors} GPU explain actors on {sum(cpus)} CPUs leaves no CPU to decode images; "
+                f"use 1 to {sum(cpus) - 1} (the cluster needs at least 2 CPUs)"
+            )
+        return actors, 2 if sum(cpus) >= 4 * actors else 1
+    if concurrency is None:
+        return max(1, sum(cpus)), 1
+    if not 1 <= concurrency <= sum(cpus):
+        raise ValueError(f"concurrency={concurrency} explain actors need a CPU each; this cluster has {sum(cpus)}")
+    threads = max(1, min(min(cpus), sum(cpus) // concurrency))
+    while threads > 1 and sum(c // threads for c in cpus) < concurrency:
+        threads -= 1
+    return concurrency, threads
 
 
 def _progress_note(output: str) -> str:
@@ -442,7 +450,7 @@ def explain_to_parquet(
         input: folder, glob, ``.txt`` list of paths, or Parquet with an image-bytes column (local or URI).
         output: directory (local or URI) for ``part-*.parquet`` and the job manifest.
         batch_size: images per forward pass in an actor.
-        concurrency: explain actors (default: one per GPU with ``use_gpu``, else half the CPUs).
+        concurrency: explain actors (default: one per GPU with ``use_gpu``, else one per CPU).
         topk: classes kept in ``topk_classes``/``topk_scores`` per image.
         use_gpu: one GPU per explain actor.
         chunk_size: images per output file and unit of resumption (default: the job's, or 256).
@@ -599,46 +607,47 @@ def _run_pipeline(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        resources = ray.cluster_resources()
-        concurrency = _actors(resources, concurrency, use_gpu)
-        threads = _actor_threads(resources, concurrency, use_gpu)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        concurrency, threads = _actor_layout(nodes, concurrency, use_gpu)
+        if concurrency > len(pending):  # an actor without a chunk would idle: fewer actors, more threads each
+            concurrency, threads = _actor_layout(nodes, len(pending), use_gpu)
         logger.info("explaining %d chunks with %d %s actor(s), %d torch thread(s) each", len(pending), concurrency,
                     "GPU" if use_gpu else "CPU", threads)  # fmt: skip
-        ds = (
-            ray.data.from_items(pending, override_num_blocks=min(len(pending), 10_000))
-            .map(
+        prepare = {
+            "filesystem": source.filesystem,
+            "preprocessing": preprocessing,
+            "max_pixels": max_pixels,
+            "image_column": source.image_column,
+            "id_column": source.id_column,
+            "classes": classes,
+            "view": view,
+        }
+        ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), 10_000))
+        if use_gpu:
+            ds = ds.map(
                 _prepare_chunk,
-                fn_kwargs={
-                    "filesystem": source.filesystem,
-                    "preprocessing": preprocessing,
-                    "max_pixels": max_pixels,
-                    "image_column": source.image_column,
-                    "id_column": source.id_column,
-                    "classes": classes,
-                    "view": view,
-                },
+                fn_kwargs=prepare,
                 num_cpus=1,
                 # room for the largest image a task accepts and its chunk; also keeps Ray Data from
-                # fusing decoding into the explain actors (decoding must overlap explaining)
+                # fusing decoding into the explain actors (decoding on the CPUs must overlap the GPUs)
                 memory=_decode_memory(max_pixels, chunk_size, preprocessing, ray),
             )
-            .map(
-                ChunkExplainer,
-                fn_constructor_kwargs={
-                    "model_uri": model_uri,
-                    "tracking_uri": tracking_uri,
-                    "topk": topk,
-                    "batch_size": batch_size,
-                    "use_gpu": use_gpu,
-                    "threads": threads,
-                    "maps": maps,
-                },
-                compute=ray.data.ActorPoolStrategy(size=concurrency),
-                num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
-            )
-            # writes wait on storage, not on CPUs: no CPU reserved, one writer per explain actor
-            .map(_write_chunk, fn_kwargs={"output": output}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=concurrency))
+        ds = ds.map(
+            ChunkExplainer,
+            fn_constructor_kwargs={
+                "model_uri": model_uri,
+                "tracking_uri": tracking_uri,
+                "topk": topk,
+                "batch_size": batch_size,
+                "use_gpu": use_gpu,
+                "threads": threads,
+                "maps": maps,
+                "prepare": None if use_gpu else prepare,
+                "output": output,
+            },
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=1 if use_gpu else threads,
+            num_gpus=1 if use_gpu else 0,
         )
         images = errors = written = 0
         total = sum(len(c["ids"]) if "ids" in c else len(c["rows"]) if "rows" in c else c["stop"] - c["start"] for c in pending)
@@ -675,7 +684,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="folder (recursive), glob, .txt list of paths, or Parquet with an image-bytes column; local or s3://, gs://, ...")
     parser.add_argument("--output", required=True, metavar="DIR", help="output directory (local or URI) for part-*.parquet and the job manifest; an existing one made with the same model and settings gets only the images it lacks")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=None, help="explain actors (default: one per GPU with --use-gpu, else half the CPUs)")
+    parser.add_argument("--concurrency", type=int, default=None, help="explain actors (default: one per CPU, each decoding its own images with one torch thread; fewer actors get more threads each; with --use-gpu one per GPU, fed by decoding tasks on the CPUs)")
     parser.add_argument("--topk", type=int, default=5, help="top classes recorded per image (default: %(default)s)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per explain actor")
     parser.add_argument("--chunk-size", type=int, default=None, help=f"images per output file and unit of resumption (default: the job's, else {DEFAULT_CHUNK_SIZE})")

@@ -22,7 +22,7 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_cells, red_explainer, red_scene
 from PIL import Image
 
-from ptame.batch import _actor_threads, _actors, _class_option, explain_to_parquet
+from ptame.batch import _actor_layout, _class_option, explain_to_parquet
 from ptame.jobs import chunk_file
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
@@ -509,20 +509,26 @@ def test_cli_explain_never_creates_a_registry(tmp_path, saved_model) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_explain_actors_leave_a_cpu_to_decode() -> None:
-    assert _actors({"CPU": 2.0}, None, False) == 1 and _actors({"CPU": 16.0}, None, False) == 8
-    assert _actors({"CPU": 16.0, "GPU": 4.0}, None, True) == 4
+def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None:
+    assert _actor_layout([{"CPU": 2.0}], None, False) == (2, 1)  # the default: an actor per CPU, one thread
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}, {"GPU": 1.0}], None, False) == (8, 1)
+    assert _actor_layout([{"CPU": 2.0}], 1, False) == (1, 2)  # fewer actors use the other CPUs as threads
+    assert _actor_layout([{"CPU": 16.0}], 4, False) == (4, 4)
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}], 2, False) == (2, 2)  # threads fit the smallest node
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 2.0}], 3, False) == (3, 1)
+    assert _actor_layout([{"CPU": 3.0}, {"CPU": 3.0}], 3, False) == (3, 1)  # 2 threads each: only 2 would fit
+    with pytest.raises(ValueError, match="need a CPU each"):
+        _actor_layout([{"CPU": 2.0}], 3, False)
+
+
+def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
+    assert _actor_layout([{"CPU": 12.0, "GPU": 4.0}], None, True) == (4, 1)
+    assert _actor_layout([{"CPU": 16.0, "GPU": 1.0}], None, True) == (1, 2)
+    assert _actor_layout([{"CPU": 2.0, "GPU": 1.0}], None, True) == (1, 1)
     with pytest.raises(ValueError, match="no GPU"):
-        _actors({"CPU": 16.0}, None, True)
+        _actor_layout([{"CPU": 16.0}], None, True)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
-        _actors({"CPU": 2.0}, 2, False)
-
-
-def test_explain_actors_share_the_cores_decoding_leaves() -> None:
-    assert _actor_threads({"CPU": 2.0}, 1, False) == 2  # one actor and the decoding on a 2-core laptop
-    assert _actor_threads({"CPU": 16.0}, 8, False) == 2 and _actor_threads({"CPU": 4.0}, 3, False) == 1
-    assert _actor_threads({"CPU": 16.0, "GPU": 1.0}, 1, True) == 2  # GPU actors leave the cores to decoding
-    assert _actor_threads({"CPU": 2.0, "GPU": 1.0}, 1, True) == 1
+        _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True)
 
 
 @pytest.mark.slow  # ~70 s on 2 cores: two Ray nodes and three actors start
