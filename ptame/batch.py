@@ -8,7 +8,7 @@ the input size::
                                                chunk as part-<chunk>.parquet atomically
 
 CPU actors decode their own chunks with the CPUs they reserve (one per torch thread): no pixels
-cross the object store and no stage waits on another. GPU actors (``use_gpu``) are fed by a CPU
+cross the object store and no Ray worker is started for a chunk. GPU actors (``use_gpu``) are fed by a CPU
 stage that reads, decodes and preprocesses, so that decoding on the CPUs overlaps the GPUs.
 
 Rows are chunks, not images, so that a chunk is one unit from reading to its file (Ray Data's own
