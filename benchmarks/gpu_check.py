@@ -268,7 +268,7 @@ def check_repro(args: argparse.Namespace) -> int:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    for folder in ("pipelines", "ptame"):
+    for folder in ("classes", "pipelines", "ptame"):
         shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = small_params(args.device == "cuda", args.tiny)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
