@@ -176,7 +176,7 @@ def _read_parquet_rows(
     return ids, blobs, wanted
 
 
-def _prepare_chunk(
+def _read_and_prepare(
     chunk: dict[str, Any],
     *,
     filesystem: Any,
@@ -186,14 +186,13 @@ def _prepare_chunk(
     id_column: str,
     classes: int | str | None = None,
     view: str = "crop",
-) -> dict[str, Any]:
-    """CPU stage: read, decode and preprocess one chunk; every input yields an entry, bad ones an error.
+) -> tuple[list[str], list[Any], list[Any]]:
+    """Read, decode and preprocess one chunk: ``(ids, prepared items, wanted classes)``; every input
+    yields an item, bad ones an error.
 
     ``classes``: one class for every image (int), or the Parquet column holding each row's class;
     ``view``: ``crop`` or ``full`` (see :func:`ptame.records.prepare`).
     """
-    import numpy as np
-
     from ptame.models import Preprocessing
     from ptame.records import Prepared, prepare_image
     from ptame.sources import ImageSource, iter_image_bytes
@@ -219,12 +218,21 @@ def _prepare_chunk(
         except Exception as e:  # noqa: BLE001 - any input that breaks a decoder is an error row, not a dead job
             logger.warning("could not prepare %s: %r", image_id, e)
             items.append(Prepared(None, 0, 0, None, f"could not prepare image: {type(e).__name__}: {e}"))
+    return [e[0] for e in entries], items, wanted
+
+
+def _prepare_chunk(chunk: dict[str, Any], **prepare: Any) -> dict[str, Any]:
+    """Decode stage in front of GPU actors: :func:`_read_and_prepare` packed as one Ray Data row
+    (the pixels of the good images as one float32 buffer)."""
+    import numpy as np
+
+    ids, items, wanted = _read_and_prepare(chunk, **prepare)
     good = [it.tensor.numpy() for it in items if it.error is None]
-    size = prep.input_size
+    size = int(prepare["preprocessing"]["input_size"])
     pixels = np.stack(good) if good else np.zeros((0, 3, size, size), np.float32)
     return {
         "chunk": chunk["chunk"],
-        "image_id": [e[0] for e in entries],
+        "image_id": ids,
         "width": [it.width for it in items],
         "height": [it.height for it in items],
         "crop_box": [list(it.crop_box) if it.crop_box else None for it in items],
@@ -235,10 +243,32 @@ def _prepare_chunk(
     }
 
 
+def _unpack_chunk(chunk: dict[str, Any], size: int) -> tuple[list[str], list[Any], list[Any]]:
+    """A row of :func:`_prepare_chunk` back as ``(ids, prepared items, wanted classes)``."""
+    import numpy as np
+    import torch
+
+    from ptame.records import Prepared
+
+    pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
+    items, g = [], 0
+    for width, height, box, content, error in zip(
+        chunk["width"], chunk["height"], chunk["crop_box"], chunk["content"], chunk["error"]
+    ):
+        if error is not None:
+            items.append(Prepared(None, int(width), int(height), None, error))
+            continue
+        inside = None if content is None else tuple(int(v) for v in content)
+        crop = tuple(int(v) for v in box)
+        items.append(Prepared(pixels[g], int(width), int(height), crop, None, inside))  # type: ignore[arg-type]
+        g += 1
+    return list(chunk["image_id"]), items, list(chunk["classes"])
+
+
 class ChunkExplainer:
     """Actor stage: loads the pinned explainer once, then explains chunk after chunk.
 
-    ``prepare``: the keyword arguments of :func:`_prepare_chunk` when the actor reads and decodes its
+    ``prepare``: the keyword arguments of :func:`_read_and_prepare` when the actor reads and decodes its
     chunks itself (CPU actors); ``None`` when a decode stage before it did (GPU actors). Each chunk
     lands in ``output`` as one Parquet file (:data:`ptame.explanations.SCHEMA`), written atomically
     by the actor (a separate write stage would start a fresh Ray worker for many of its writes).
@@ -282,35 +312,23 @@ class ChunkExplainer:
         self.output = output
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import torch
 
         from ptame.explanations import explanations_table
         from ptame.records import Prepared, explain_prepared, resolve_class
 
         if self.prepare is not None:
-            chunk = _prepare_chunk(chunk, **self.prepare)
-        size = self.explainer.preprocessing.input_size
-        pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
-        items, classes, g = [], [], 0
-        entries = zip(chunk["width"], chunk["height"], chunk["crop_box"], chunk["content"], chunk["error"], chunk["classes"])
-        for width, height, box, content, error, wanted in entries:
-            if error is not None:
-                items.append(Prepared(None, int(width), int(height), None, error))
-                classes.append(None)
-                continue
-            tensor, g = pixels[g], g + 1
+            ids, items, wanted = _read_and_prepare(chunk, **self.prepare)
+        else:
+            ids, items, wanted = _unpack_chunk(chunk, self.explainer.preprocessing.input_size)
+        classes: list[int | None] = []
+        for i, (item, want) in enumerate(zip(items, wanted)):
             try:
-                classes.append(None if wanted is None else resolve_class(wanted, self.explainer.class_names))
+                classes.append(None if item.error is not None or want is None else resolve_class(want, self.explainer.class_names))
             except ValueError as e:
-                items.append(Prepared(None, int(width), int(height), None, str(e)))
+                items[i] = Prepared(None, item.width, item.height, None, str(e))
                 classes.append(None)
-                continue
-            inside = None if content is None else tuple(int(v) for v in content)
-            crop = tuple(int(v) for v in box)
-            items.append(Prepared(tensor, int(width), int(height), crop, None, inside))  # type: ignore[arg-type]
         rows: list[dict[str, Any]] = []
         for i in range(0, len(items), self.batch_size):
             window = slice(i, i + self.batch_size)
@@ -319,7 +337,7 @@ class ChunkExplainer:
                     self.explainer, items[window], topk=self.topk, classes=classes[window], topk_maps=self.topk_maps
                 )
             )
-        table = explanations_table(list(chunk["image_id"]), rows, self.model_uri)
+        table = explanations_table(ids, rows, self.model_uri)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         fs, root = output_filesystem(self.output)
@@ -340,13 +358,15 @@ def _decode_memory(max_pixels: int, chunk_size: int, preprocessing: dict[str, An
     return max(1, min(need, available // 4))
 
 
-def _actor_layout(nodes: Sequence[dict[str, float]], concurrency: int | None, use_gpu: bool) -> tuple[int, int]:
-    """``(actors, torch threads each)`` for the alive nodes' resources.
+def _actor_layout(
+    nodes: Sequence[dict[str, float]], concurrency: int | None, use_gpu: bool, chunks: int
+) -> tuple[int, int]:
+    """``(actors, torch threads each)`` for the alive nodes' resources and the ``chunks`` to explain.
 
     CPU actors decode their own chunks and reserve one CPU per thread: by default one actor per CPU
-    with one thread (two one-thread processes explain ~1.2x faster than one with two threads); a
-    given ``concurrency`` shares the CPUs among that many. GPU actors take a GPU and a CPU each,
-    with CPUs left for the decoding that feeds them, and need few threads.
+    with one thread (two one-thread processes explain ~1.2x faster than one with two threads); fewer
+    actors share the CPUs as threads. GPU actors take a GPU and a CPU each, with CPUs left for the
+    decoding that feeds them, and need few threads. Never more actors than chunks (one would idle).
     """
     cpus = [int(node.get("CPU", 0)) for node in nodes if node.get("CPU", 0) >= 1]
     gpus = sum(int(node.get("GPU", 0)) for node in nodes)
@@ -359,15 +379,16 @@ def _actor_layout(nodes: Sequence[dict[str, float]], concurrency: int | None, us
                 f"concurrency={actors} GPU explain actors on {sum(cpus)} CPUs leaves no CPU to decode images; "
                 f"use 1 to {sum(cpus) - 1} (the cluster needs at least 2 CPUs)"
             )
+        actors = min(actors, chunks)
         return actors, 2 if sum(cpus) >= 4 * actors else 1
-    if concurrency is None:
-        return max(1, sum(cpus)), 1
-    if not 1 <= concurrency <= sum(cpus):
-        raise ValueError(f"concurrency={concurrency} explain actors need a CPU each; this cluster has {sum(cpus)}")
-    threads = max(1, min(min(cpus), sum(cpus) // concurrency))
-    while threads > 1 and sum(c // threads for c in cpus) < concurrency:
+    actors = sum(cpus) if concurrency is None else concurrency
+    if not 1 <= actors <= sum(cpus):
+        raise ValueError(f"concurrency={actors} explain actors need a CPU each; this cluster has {sum(cpus)}")
+    actors = min(actors, chunks)
+    threads = max(1, min(min(cpus), sum(cpus) // actors))
+    while threads > 1 and sum(c // threads for c in cpus) < actors:
         threads -= 1
-    return concurrency, threads
+    return actors, threads
 
 
 def _progress_note(output: str) -> str:
@@ -608,9 +629,7 @@ def _run_pipeline(
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        concurrency, threads = _actor_layout(nodes, concurrency, use_gpu)
-        if concurrency > len(pending):  # an actor without a chunk would idle: fewer actors, more threads each
-            concurrency, threads = _actor_layout(nodes, len(pending), use_gpu)
+        concurrency, threads = _actor_layout(nodes, concurrency, use_gpu, len(pending))
         logger.info("explaining %d chunks with %d %s actor(s), %d torch thread(s) each", len(pending), concurrency,
                     "GPU" if use_gpu else "CPU", threads)  # fmt: skip
         prepare = {

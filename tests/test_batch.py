@@ -22,8 +22,8 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_cells, red_explainer, red_scene
 from PIL import Image
 
-from ptame.batch import _actor_layout, _class_option, explain_to_parquet
-from ptame.jobs import chunk_file
+from ptame.batch import _actor_layout, _class_option, _prepare_chunk, _read_and_prepare, _unpack_chunk, explain_to_parquet
+from ptame.jobs import chunk_file, plan_chunks
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
 from ptame.records import prepare_image
@@ -510,28 +510,50 @@ def test_cli_explain_never_creates_a_registry(tmp_path, saved_model) -> None:
 
 
 def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None:
-    assert _actor_layout([{"CPU": 2.0}], None, False) == (2, 1)  # the default: an actor per CPU, one thread
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}, {"GPU": 1.0}], None, False) == (8, 1)
-    assert _actor_layout([{"CPU": 2.0}], 1, False) == (1, 2)  # fewer actors use the other CPUs as threads
-    assert _actor_layout([{"CPU": 16.0}], 4, False) == (4, 4)
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}], 2, False) == (2, 2)  # threads fit the smallest node
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 2.0}], 3, False) == (3, 1)
-    assert _actor_layout([{"CPU": 3.0}, {"CPU": 3.0}], 3, False) == (3, 1)  # 2 threads each: only 2 would fit
+    assert _actor_layout([{"CPU": 2.0}], None, False, 100) == (2, 1)  # the default: an actor per CPU, one thread
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}, {"GPU": 1.0}], None, False, 100) == (8, 1)
+    assert _actor_layout([{"CPU": 2.0}], 1, False, 100) == (1, 2)  # fewer actors use the other CPUs as threads
+    assert _actor_layout([{"CPU": 16.0}], 4, False, 100) == (4, 4)
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}], 2, False, 100) == (2, 2)  # threads fit the smallest node
+    assert _actor_layout([{"CPU": 2.0}, {"CPU": 2.0}], 3, False, 100) == (3, 1)
+    assert _actor_layout([{"CPU": 3.0}, {"CPU": 3.0}], 3, False, 100) == (3, 1)  # 2 threads each: only 2 would fit
+    assert _actor_layout([{"CPU": 2.0}], None, False, 1) == (1, 2)  # one chunk: one actor with every thread
     with pytest.raises(ValueError, match="need a CPU each"):
-        _actor_layout([{"CPU": 2.0}], 3, False)
+        _actor_layout([{"CPU": 2.0}], 3, False, 100)
+
+
+def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path) -> None:
+    """The row a decode stage sends to GPU actors unpacks to exactly the items a CPU actor makes."""
+    from ptame.sources import resolve_source
+
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (80 + 20 * i, 64), colour).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    source = resolve_source(str(tmp_path))
+    (chunk,), _, _ = plan_chunks(source, 10)
+    prepare = {"filesystem": source.filesystem, "preprocessing": TINY_PREP.to_dict(), "max_pixels": 10**6,
+               "image_column": "image", "id_column": "image_id", "classes": 2, "view": "full"}  # fmt: skip
+    ids, items, wanted = _read_and_prepare(chunk, **prepare)
+    ids2, items2, wanted2 = _unpack_chunk(_prepare_chunk(chunk, **prepare), TINY_PREP.input_size)
+    assert ids2 == ids == ["0.png", "1.png", "2.png", "broken.jpg"] and wanted2 == ["2"] * 4 and wanted == [2] * 4
+    assert [it.error is None for it in items2] == [it.error is None for it in items] == [True, True, True, False]
+    for a, b in zip(items, items2):
+        assert (a.width, a.height, a.crop_box, a.content, a.error) == (b.width, b.height, b.crop_box, b.content, b.error)
+        assert (a.tensor is None and b.tensor is None) or torch.equal(a.tensor, b.tensor)
+    assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
 
 
 def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
-    assert _actor_layout([{"CPU": 12.0, "GPU": 4.0}], None, True) == (4, 1)
-    assert _actor_layout([{"CPU": 16.0, "GPU": 1.0}], None, True) == (1, 2)
-    assert _actor_layout([{"CPU": 2.0, "GPU": 1.0}], None, True) == (1, 1)
+    assert _actor_layout([{"CPU": 12.0, "GPU": 4.0}], None, True, 100) == (4, 1)
+    assert _actor_layout([{"CPU": 16.0, "GPU": 1.0}], None, True, 100) == (1, 2)
+    assert _actor_layout([{"CPU": 2.0, "GPU": 1.0}], None, True, 100) == (1, 1)
     with pytest.raises(ValueError, match="no GPU"):
-        _actor_layout([{"CPU": 16.0}], None, True)
+        _actor_layout([{"CPU": 16.0}], None, True, 100)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
-        _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True)
+        _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True, 100)
 
 
-@pytest.mark.slow  # ~70 s on 2 cores: two Ray nodes and three actors start
+@pytest.mark.slow  # ~25 s on 2 cores: two Ray nodes and three actors start
 def test_two_nodes_explain_every_input_exactly_once(tmp_path, saved_model, explainer) -> None:
     """A head and a worker node of 2 CPUs each; three explain actors of one CPU cannot fit on one node."""
     from ray.cluster_utils import Cluster
