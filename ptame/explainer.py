@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptame.head import AttentionHead, minmax_normalize, smooth_maps
+from ptame.head import AttentionHead, minmax_normalize, smooth_maps, upsample_to
 from ptame.losses import LossWeights, ptame_loss
 from ptame.models import (
     BACKBONE_AUX,
@@ -90,6 +90,7 @@ class ExplainerConfig:
     class_names: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     smoothing: float = 0.0
+    cam_weight: float = 0.0
     format_version: int = FORMAT_VERSION
 
 
@@ -138,8 +139,12 @@ class Explainer(nn.Module):
             own feature maps (:class:`~ptame.models.BackboneTaps`, one forward pass for both).
         head: the attention head (a fresh one sized from the auxiliary when ``None``).
         loss_weights: loss weights for :meth:`training_step`.
-        smoothing: std, in map pixels, of a Gaussian blur of the maps before min-max in
-            :meth:`explain` (``0``: none, the paper); training never blurs.
+        smoothing: std, in map pixels, of a Gaussian blur of the map logits before the sigmoid
+            in :meth:`explain` (``0``: none, the paper); training never blurs.
+        cam_weight: weight of the backbone's own class activation map of ``log p`` (see
+            :meth:`class_activation_maps`) added to the head's logits in :meth:`explain` (``0``:
+            none, the paper); needs the backbone as auxiliary and a final linear layer over its
+            last tapped map. Training never adds it.
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class Explainer(nn.Module):
         head: AttentionHead | None = None,
         loss_weights: LossWeights | None = None,
         smoothing: float = 0.0,
+        cam_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -162,6 +168,11 @@ class Explainer(nn.Module):
         if not smoothing >= 0:
             raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
         self.smoothing = float(smoothing)
+        if not cam_weight >= 0:
+            raise ValueError(f"cam_weight must be >= 0 (0: none), got {cam_weight}")
+        if cam_weight > 0:
+            self._check_cam_source("cam_weight")
+        self.cam_weight = float(cam_weight)
         self.stages: list[int] | None = None
         self.pretrained = False
 
@@ -176,6 +187,7 @@ class Explainer(nn.Module):
         class_names: Sequence[str] | None = None,
         preprocessing: Preprocessing | None = None,
         smoothing: float = 0.0,
+        cam_weight: float = 0.0,
     ) -> Explainer:
         """Build an untrained explainer from model URIs (see :mod:`ptame.models`).
 
@@ -187,7 +199,7 @@ class Explainer(nn.Module):
             aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)
         else:
             aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
-        explainer = cls(bb, aux, loss_weights=loss_weights, smoothing=smoothing)
+        explainer = cls(bb, aux, loss_weights=loss_weights, smoothing=smoothing, cam_weight=cam_weight)
         explainer.stages = list(stages) if stages is not None else None
         explainer.pretrained = pretrained
         return explainer
@@ -236,23 +248,43 @@ class Explainer(nn.Module):
         """
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        if not self.auxiliary.shares_backbone:
-            raise ValueError(
-                f"head init 'cam' needs auxiliary 'backbone' (the backbone's own features), not {self.auxiliary.uri!r}; "
-                "use head_init 'random' with a separate auxiliary network"
-            )
-        weight = classifier_weight(self.backbone, self.head.channels[-1])
-        if weight is None:
-            raise ValueError(
-                f"head init 'cam': the backbone has no final linear layer from {self.head.channels[-1]} pooled "
-                f"channels (its last tapped map, {self.auxiliary.names[-1]!r}) to {self.backbone.num_classes} "
-                "classes; use head_init 'random'"
-            )
+        weight = self._check_cam_source("head init 'cam'", "use head_init 'random'")
         offset = sum(self.head.channels[:-1])
         with torch.no_grad():
             self.head.fuser.weight.zero_()
             self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
             self.head.stages[-1].bn.weight.zero_()
+
+    def _check_cam_source(self, what: str, instead: str = "set it to 0") -> Tensor:
+        """The backbone's final linear weights ``(K, C)`` over its last tapped map, or a clear error."""
+        if not self.auxiliary.shares_backbone:
+            raise ValueError(
+                f"{what} needs auxiliary 'backbone' (the backbone's own features), not {self.auxiliary.uri!r}; "
+                f"{instead} with a separate auxiliary network"
+            )
+        weight = classifier_weight(self.backbone, self.head.channels[-1])
+        if weight is None:
+            raise ValueError(
+                f"{what}: the backbone has no final linear layer from {self.head.channels[-1]} pooled "
+                f"channels (its last tapped map, {self.auxiliary.names[-1]!r}) to {self.backbone.num_classes} "
+                f"classes; {instead}"
+            )
+        return weight
+
+    def class_activation_maps(self, features: Sequence[Tensor], classes: Tensor, probs: Tensor | None = None) -> Tensor:
+        """The backbone's class activation maps (Zhou et al., 2016) of ``classes`` ``(B, n)``, ``(B, n, h, w)``.
+
+        Each location's ``W_c . F(x, y)``: its share of the class logit (before pooling and bias),
+        negative where it argues against the class. With the softmax ``probs`` ``(B, K)``, its share of
+        ``log p_c`` instead (the softmax linearised): ``(W_c - sum_k p_k W_k) . F(x, y)``, the evidence
+        for ``c`` over the classes the classifier weighs against it. ``features`` are the auxiliary's
+        taps of the backbone, the last one the map its classifier pools.
+        """
+        weight = self._check_cam_source("class activation maps").float()
+        chosen = weight[classes]  # (B, n, C)
+        if probs is not None:
+            chosen = chosen - (probs.float() @ weight)[:, None]
+        return torch.einsum("bchw,bnc->bnhw", features[-1].float(), chosen)
 
     def _fill(self, images: Tensor) -> Tensor | None:
         """What removed pixels become in training: ``None`` for black, else a heavy blur of the image."""
@@ -337,7 +369,8 @@ class Explainer(nn.Module):
             topk: how many top predictions to explain when ``classes`` is ``None``.
 
         Returns:
-            An :class:`Explanation` with ``(B, k, h, w)`` maps: sigmoid, blur (``smoothing``), then
+            An :class:`Explanation` with ``(B, k, h, w)`` maps: the head's logits plus ``cam_weight``
+            x the backbone's class activation maps of ``log p``, blurred (``smoothing``), sigmoid,
             per-map min-max.
         """
         check_images(images)
@@ -345,10 +378,13 @@ class Explainer(nn.Module):
             logits, features = self.logits_and_features(images)
             probs = logits.softmax(1)
             chosen = self._resolve_classes(probs, classes, topk)
-            maps = self.head(features, chosen)
-            # min-max of the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of
-            # the raw logits lifts the background (see the learning test's notes)
-            saliency = minmax_normalize(smooth_maps(torch.sigmoid(maps.float()), self.smoothing))
+            maps = self.head(features, chosen).float()
+            if self.cam_weight > 0:  # counter-evidence (negative CAM) ranks the background
+                cam = self.class_activation_maps(features, chosen, probs)
+                maps = maps + self.cam_weight * upsample_to(cam, tuple(maps.shape[-2:]))
+            # blur the logits, then min-max the *sigmoid* maps: the head was trained on sigmoid maps,
+            # and min-max of the raw logits lifts the background (see the learning test's notes)
+            saliency = minmax_normalize(torch.sigmoid(smooth_maps(maps, self.smoothing)))
             return Explanation(saliency, chosen, probs.gather(1, chosen), probs)
 
     def explain_image(
@@ -392,6 +428,7 @@ class Explainer(nn.Module):
             class_names=list(self.class_names),
             loss=asdict(self.loss_weights),
             smoothing=self.smoothing,
+            cam_weight=self.cam_weight,
         )
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -432,6 +469,7 @@ class Explainer(nn.Module):
             class_names=cfg.class_names or None,
             preprocessing=Preprocessing.from_dict(cfg.preprocessing),
             smoothing=cfg.smoothing,
+            cam_weight=cfg.cam_weight,
         )
         if explainer.head.channels != cfg.channels:
             raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")

@@ -104,6 +104,8 @@ class TrainConfig:
         cam_scale: scale of the classifier weights in the ``"cam"`` initialisation.
         smoothing: the saved explainer's map blur (std in map pixels; see
             :class:`~ptame.explainer.Explainer`); does not change training.
+        cam_weight: the saved explainer's weight of the backbone's class activation maps in its
+            maps (see :class:`~ptame.explainer.Explainer`); does not change training.
         cache_gb: decoded training images are kept in each worker's memory (decoded once, then
             cropped per step) when its shard fits in this many GiB; otherwise Ray Data streams
             and decodes them again every epoch.
@@ -143,6 +145,7 @@ class TrainConfig:
     head_init: str = "random"
     cam_scale: float = 0.2
     smoothing: float = 0.0
+    cam_weight: float = 0.0
     cache_gb: float = 2.0
     fail_at_step: int | None = None
 
@@ -549,7 +552,7 @@ def _build_explainer(cfg: TrainConfig):  # -> Explainer
     explainer = Explainer.from_uris(
         cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
         loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
-        class_names=cfg.class_names, smoothing=cfg.smoothing,
+        class_names=cfg.class_names, smoothing=cfg.smoothing, cam_weight=cfg.cam_weight,
     )
     if cfg.head_init == "cam":
         explainer.init_head_from_classifier(cfg.cam_scale)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY_BACKBONE, TINY_PREP, assert_maps, count_syncs
+from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, assert_maps, count_syncs, red_explainer
 from ptame.explainer import Explainer, check_images
 from ptame.losses import LossWeights
 from ptame.models import Classifier, Preprocessing
@@ -247,11 +247,60 @@ def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explaine
     smooth = tiny_explainer.explain(images)
     with torch.no_grad():
         logits, features = tiny_explainer.logits_and_features(images)
-        raw = torch.sigmoid(tiny_explainer.head.eval()(features, smooth.classes))
-    torch.testing.assert_close(smooth.saliency, minmax_normalize(smooth_maps(raw, 1.5)), atol=1e-5, rtol=0)
+        raw = tiny_explainer.head.eval()(features, smooth.classes)
+    # the logits are blurred, then squashed: far from the evidence the map stays near 0
+    torch.testing.assert_close(smooth.saliency, minmax_normalize(torch.sigmoid(smooth_maps(raw, 1.5))), atol=1e-5, rtol=0)
     assert not torch.allclose(smooth.saliency, sharp.saliency)
     loaded = Explainer.load(tiny_explainer.save(tmp_path / "m"))
     assert loaded.smoothing == 1.5
     torch.testing.assert_close(loaded.explain(images).saliency, smooth.saliency)
     with pytest.raises(ValueError, match="smoothing must be >= 0"):
         Explainer(tiny_explainer.backbone, tiny_explainer.auxiliary, smoothing=-1)
+
+
+def test_cam_weight_adds_the_backbones_class_activation_maps(tmp_path) -> None:
+    from ptame.head import minmax_normalize
+
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP, cam_weight=0.5)
+    explainer.init_head_from_classifier(scale=0.5)  # the untrained head's logits: 0.5 x CAM
+    images = torch.rand(2, 3, 64, 64)
+    classes = torch.tensor([[1, 3], [0, 2]])
+    model = explainer.backbone.model
+    with torch.no_grad():
+        features = model.features(explainer.backbone.normalize(images))
+        probs = model.fc(features.mean((2, 3))).softmax(1)
+        cam = torch.einsum("bchw,bkc->bkhw", features, model.fc.weight[classes])
+        # the share of log p_c at each location: (W_c - sum_k p_k W_k) . F
+        log_p_cam = torch.einsum("bchw,bkc->bkhw", features, model.fc.weight[classes] - (probs @ model.fc.weight)[:, None])
+    got = explainer.explain(images, classes=classes).saliency
+    torch.testing.assert_close(got, minmax_normalize(torch.sigmoid(0.5 * cam + 0.5 * log_p_cam)), rtol=1e-4, atol=1e-5)
+    loaded = Explainer.load(explainer.save(tmp_path / "m"))
+    assert loaded.cam_weight == 0.5
+    torch.testing.assert_close(loaded.explain(images, classes=classes).saliency, got)
+    with pytest.raises(ValueError, match="cam_weight needs auxiliary 'backbone'"):
+        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, cam_weight=0.5)
+    with pytest.raises(ValueError, match="cam_weight must be >= 0"):
+        Explainer(explainer.backbone, explainer.auxiliary, cam_weight=-1.0)
+
+
+def test_cam_weight_ranks_counter_evidence_below_the_background() -> None:
+    """Red argues for class 0, blue against it: with the CAM added, blue is the least relevant,
+    below the neutral grey (what ROAD's LeRF removes first), and red the most. (Only class 0 has
+    weights, so the CAM of log p_0 is (1 - p_0) x class 0's CAM.)"""
+    explainer = red_explainer()
+    model = explainer.backbone.model
+    with torch.no_grad():
+        model.features[0].weight[1, :, 1, 1] = torch.tensor([-1.0, -1.0, 1.0])  # B - R - G: 2.4 on blue
+        model.features[0].bias[1] = -1.0
+        model.features[3].weight[1, 1, 1, 1] = 1.0
+        model.features[6].weight[1, 1, 1, 1] = 1.0
+        model.fc.weight[0, 1] = -20.0
+        explainer.head.fuser.weight.zero_()  # a head that has learned nothing: a constant map
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[0, :, 8:24, 8:24] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # red, top left
+    image[0, :, 40:56, 40:56] = torch.tensor([0.1, 0.1, 0.9])[:, None, None]  # blue, bottom right
+    assert explainer.explain(image, classes=0).saliency.abs().max() == 0  # the head alone ranks nothing
+    explainer.cam_weight = 1.0
+    saliency = explainer.explain(image, classes=0).saliency[0, 0]  # 16 x 16 map: 4 pixels per cell
+    red, grey, blue = saliency[2:6, 2:6].mean(), saliency[2:6, 10:14].mean(), saliency[10:14, 10:14].mean()
+    assert red > 0.9 and blue < 0.1 and blue < grey - 0.2 < red - 0.2
