@@ -3,7 +3,8 @@
 Writes ``reports/metrics.json`` (``{method: {measure: value}}`` with ``n`` and 95 % bootstrap bounds
 ``<measure>_lo`` / ``<measure>_hi``, plus ``<method>@<limited method>`` entries on RISE's subset; see
 :mod:`ptame.evaluate`), ``reports/evaluation.json`` (the fingerprint of the images and settings that
-the champion rule compares, the image ids and the settings), the ROAD curves as DVC plots
+the champion rule compares, the image ids and the settings), ``reports/differences.json`` (P-TAME minus
+each peer on the same images, with paired 95 % bootstrap intervals), the ROAD curves as DVC plots
 (``reports/plots/road_{morf,lerf}.csv``, and as ``.png``) and an overlay gallery under ``reports/gallery/``.
 """
 
@@ -20,6 +21,7 @@ MODEL = "models/explainer"
 DATA = "data/prepared/eval"
 METRICS = Path("reports/metrics.json")
 EVALUATION = Path("reports/evaluation.json")
+DIFFERENCES = Path("reports/differences.json")
 PLOTS = Path("reports/plots")
 GALLERY = Path("reports/gallery")
 
@@ -27,7 +29,7 @@ GALLERY = Path("reports/gallery")
 def run(params) -> None:
     import torch
 
-    from ptame.evaluate import as_table, evaluate, load_eval_set, render_gallery, write_road_plots
+    from ptame.evaluate import as_table, differences_table, evaluate, load_eval_set, render_gallery, write_road_plots
     from ptame.explainer import Explainer
     from ptame.viz import plot_csv
 
@@ -45,6 +47,7 @@ def run(params) -> None:
     )  # fmt: skip
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps(result.metrics, indent=2))
+    DIFFERENCES.write_text(json.dumps(result.differences, indent=2))
     record = {
         "fingerprint": result.fingerprint,
         "n": len(evalset.image_ids),
@@ -61,6 +64,10 @@ def run(params) -> None:
     g = e["gallery"]
     render_gallery(evalset, result.maps, GALLERY, methods=g["methods"], count=g["images"], class_names=explainer.class_names)
     logger.info("metrics (reports/metrics.json), fingerprint %s:\n%s", result.fingerprint[:12], as_table(result.metrics))
+    logger.info(
+        "P-TAME minus each peer on the same images, paired 95 %% intervals (reports/differences.json):\n%s",
+        differences_table(result.differences),
+    )
 
 
 if __name__ == "__main__":

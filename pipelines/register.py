@@ -23,7 +23,7 @@ OUT = Path("reports/registered.json")
 TRAIN = Path("reports/train.json")
 PREPARE = Path("reports/prepare.json")
 ARTIFACTS = [
-    "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/gallery", "reports/plots",
+    "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/differences.json", "reports/gallery", "reports/plots",
     "reports/train.json", "reports/prepare.json",
 ]  # fmt: skip
 

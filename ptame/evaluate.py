@@ -25,6 +25,12 @@ Layout of :attr:`Evaluation.metrics` (``reports/metrics.json``), every leaf a nu
 ``<measure>_lo`` / ``<measure>_hi`` bound the 95 % bootstrap interval of each measure of
 :data:`INTERVAL_MEASURES`; ``images`` (float, kept for older readers) and ``n`` are the number of
 images. :func:`fingerprint` identifies the images and settings behind the numbers.
+
+:attr:`Evaluation.differences` (``reports/differences.json``) says whether a gap between P-TAME and a
+peer is real: ``{"ptame - gradcam": {"ROAD-LeRF": -0.014, "ROAD-LeRF_lo": ..., "ROAD-LeRF_hi": ...,
+"n": 64}, "ptame - rise": {...}}``, the mean per-image difference on the images both were scored on,
+with a *paired* 95 % bootstrap interval (an interval that excludes 0 is a difference beyond the
+spread of the images; two overlapping marginal intervals say much less).
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ __all__ = [
     "Evaluation",
     "as_table",
     "bootstrap_intervals",
+    "differences_table",
     "evaluate",
     "fingerprint",
     "load_eval_set",
+    "paired_differences",
     "render_gallery",
     "write_road_plots",
 ]
@@ -110,13 +118,14 @@ class EvalSet:
 
 @dataclass
 class Evaluation:
-    """Results of :func:`evaluate`: ``metrics[method][measure]``, ROAD curves, maps, per-image scores.
+    """Results of :func:`evaluate`: ``metrics[method][measure]``, paired differences to P-TAME, ROAD curves, maps, per-image scores.
 
     ``per_image[method][measure]`` is a ``(n,)`` float64 array whose mean is the metric;
     ``fingerprint`` identifies the images and settings (see :func:`fingerprint`).
     """
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    differences: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     maps: dict[str, Tensor] = field(default_factory=dict)
     per_image: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -209,6 +218,39 @@ def bootstrap_intervals(
         means = values[indices[n]].mean(axis=1)
         lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
         out[measure] = (float(lo), float(hi))
+    return out
+
+
+def paired_differences(
+    per_image: Mapping[str, Mapping[str, np.ndarray]], reference: str = "ptame", resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """``reference`` minus every other method, per measure, with a paired 95 % bootstrap interval.
+
+    Each difference is taken image by image on the images both were scored on (a method limited to
+    its first ``n`` images is compared with ``"<reference>@<method>"``), then bootstrapped like
+    :func:`bootstrap_intervals`. Subset entries (``"a@b"``) are not compared again.
+
+    Returns:
+        ``{"<reference> - <method>": {measure: mean difference, measure_lo, measure_hi, "n"}}``.
+    """
+    if reference not in per_image:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, scores in per_image.items():
+        if name == reference or "@" in name:
+            continue
+        mine = per_image.get(f"{reference}@{name}", per_image[reference])
+        measures = [m for m in INTERVAL_MEASURES if m in scores and m in mine]
+        if not measures or len(scores[measures[0]]) != len(mine[measures[0]]):
+            continue
+        diffs = {m: np.asarray(mine[m], dtype=np.float64) - np.asarray(scores[m], dtype=np.float64) for m in measures}
+        intervals = bootstrap_intervals(diffs, resamples, seed)
+        entry: dict[str, float] = {}
+        for m, d in diffs.items():
+            entry[m] = float(d.mean())
+            entry[f"{m}_lo"], entry[f"{m}_hi"] = intervals[m]
+        entry["n"] = len(diffs[measures[0]])
+        out[f"{reference} - {name}"] = entry
     return out
 
 
@@ -356,6 +398,7 @@ def evaluate(
         result.metrics[name] = _summary(scores, intervals, seconds_per_image[name])
         shown = {k: round(v, 4) for k, v in result.metrics[name].items() if k in MEASURES or k == "n"}
         logger.info("%s: %s", name, shown)
+    result.differences = paired_differences(result.per_image, "ptame", resamples, bootstrap_seed)
     return result
 
 
@@ -446,4 +489,18 @@ def as_table(metrics: Mapping[str, Mapping[str, float]], measures: Sequence[str]
     for method, values in metrics.items():
         cells = [f"{values[m]:.4g}" if m in values and np.isfinite(values[m]) else "-" for m in measures]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def differences_table(differences: Mapping[str, Mapping[str, float]], measures: Sequence[str] = HEADLINE) -> str:
+    """A markdown table of :func:`paired_differences`: ``difference [lo, hi]`` per measure."""
+    head = "| difference | n | " + " | ".join(measures) + " |"
+    rule = "| --- | --- |" + " --- |" * len(measures)
+    lines = [head, rule]
+    for pair, values in differences.items():
+        cells = [
+            f"{values[m]:+.4g} [{values[f'{m}_lo']:+.3g}, {values[f'{m}_hi']:+.3g}]" if m in values else "-"
+            for m in measures
+        ]
+        lines.append(f"| {pair} | {values.get('n', '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

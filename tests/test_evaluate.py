@@ -174,6 +174,29 @@ def test_bootstrap_intervals_hand_computed() -> None:
         bootstrap_intervals({"x": values}, resamples=0)
 
 
+def test_paired_differences_hand_computed() -> None:
+    from ptame.evaluate import bootstrap_intervals, paired_differences
+
+    per_image = {
+        "ptame": {"ROAD-LeRF": np.array([1.0, 0.0, 1.0]), "GridPG": np.array([0.9, 0.8, 0.7])},
+        "gradcam": {"ROAD-LeRF": np.array([0.0, 0.0, 1.0]), "GridPG": np.array([0.5, 0.4, 0.3])},
+        "rise": {"ROAD-LeRF": np.array([0.0]), "GridPG": np.array([0.25])},
+        "ptame@rise": {"ROAD-LeRF": np.array([1.0]), "GridPG": np.array([0.9])},
+    }
+    out = paired_differences(per_image, resamples=200, seed=1)
+    assert set(out) == {"ptame - gradcam", "ptame - rise"}  # subsets are not compared again
+    gc = out["ptame - gradcam"]
+    # per image 1, 0, 0 -> mean 1/3, bootstrapped with the indices the metrics' intervals use
+    assert gc["ROAD-LeRF"] == pytest.approx(1 / 3) and gc["n"] == 3
+    assert (gc["ROAD-LeRF_lo"], gc["ROAD-LeRF_hi"]) == bootstrap_intervals({"d": np.array([1.0, 0.0, 0.0])}, 200, 1)["d"]
+    # a constant per-image gap is a zero-width interval, although both marginal intervals are wide
+    assert [gc["GridPG"], gc["GridPG_lo"], gc["GridPG_hi"]] == pytest.approx([0.4, 0.4, 0.4])
+    assert out["ptame - rise"] == pytest.approx(
+        {"ROAD-LeRF": 1.0, "ROAD-LeRF_lo": 1.0, "ROAD-LeRF_hi": 1.0, "GridPG": 0.65, "GridPG_lo": 0.65, "GridPG_hi": 0.65, "n": 1}
+    )  # RISE is compared on its own image, with ptame@rise
+    assert paired_differences({"gradcam": per_image["gradcam"]}) == {}
+
+
 def test_timing_after_warm_up_in_batches(tiny_explainer) -> None:
     calls: list[int] = []
 

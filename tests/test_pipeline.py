@@ -94,6 +94,14 @@ def test_dvc_repro_end_to_end(repro) -> None:
         assert set(MEASURE_KEYS) <= set(values) and values["GridPG_lo"] <= values["GridPG"] <= values["GridPG_hi"], method
         assert 0.0 <= values["GridPG"] <= 1.0 and 0.0 <= values["ROAD-MoRF"] <= 1.0
     assert metrics["rise"]["images"] == 1.0 and metrics["ptame"]["images"] == 2.0 and metrics["ptame@rise"]["n"] == 1
+    differences = json.loads((project / "reports/differences.json").read_text())
+    assert set(differences) == {"ptame - gradcam", "ptame - rise"}
+    for peer, mine in (("gradcam", "ptame"), ("rise", "ptame@rise")):
+        d = differences[f"ptame - {peer}"]
+        for key in ("AD@100", "ROAD-LeRF", "GridPG"):
+            assert d[key] == pytest.approx(metrics[mine][key] - metrics[peer][key])
+            assert d[f"{key}_lo"] <= d[key] + 1e-9 <= d[f"{key}_hi"] + 2e-9
+        assert d["n"] == metrics[peer]["n"]
 
     # registered, promoted (first version), and the champion gives the same maps as the trained explainer
     record = json.loads((project / "reports/registered.json").read_text())
