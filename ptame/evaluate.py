@@ -227,7 +227,8 @@ def paired_differences(
     """``reference`` minus every other method, per measure, with a paired 95 % bootstrap interval.
 
     Each difference is taken image by image on the images both were scored on (a method limited to
-    its first ``n`` images is compared with ``"<reference>@<method>"``), then bootstrapped like
+    its first ``n`` images is compared with ``"<reference>@<method>"``, a limited reference with
+    ``"<method>@<reference>"``), then bootstrapped like
     :func:`bootstrap_intervals`. Subset entries (``"a@b"``) are not compared again.
 
     Returns:
@@ -240,6 +241,7 @@ def paired_differences(
         if name == reference or "@" in name:
             continue
         mine = per_image.get(f"{reference}@{name}", per_image[reference])
+        scores = per_image.get(f"{name}@{reference}", scores)  # when the reference itself was limited
         measures = [m for m in INTERVAL_MEASURES if m in scores and m in mine]
         if not measures or len(scores[measures[0]]) != len(mine[measures[0]]):
             continue

@@ -195,6 +195,9 @@ def test_paired_differences_hand_computed() -> None:
         {"ROAD-LeRF": 1.0, "ROAD-LeRF_lo": 1.0, "ROAD-LeRF_hi": 1.0, "GridPG": 0.65, "GridPG_lo": 0.65, "GridPG_hi": 0.65, "n": 1}
     )  # RISE is compared on its own image, with ptame@rise
     assert paired_differences({"gradcam": per_image["gradcam"]}) == {}
+    limited = {"ptame": {"GridPG": np.array([0.9])}, "gradcam": {"GridPG": np.array([0.5, 0.1])},
+               "gradcam@ptame": {"GridPG": np.array([0.5])}}  # fmt: skip
+    assert paired_differences(limited)["ptame - gradcam"]["GridPG"] == pytest.approx(0.4)
 
 
 def test_timing_after_warm_up_in_batches(tiny_explainer) -> None:
