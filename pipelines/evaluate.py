@@ -29,7 +29,7 @@ GALLERY = Path("reports/gallery")
 def run(params) -> None:
     import torch
 
-    from ptame.evaluate import as_table, differences_table, evaluate, load_eval_set, render_gallery, write_road_plots
+    from ptame.evaluate import HEADLINE, as_table, evaluate, load_eval_set, render_gallery, write_road_plots
     from ptame.explainer import Explainer
     from ptame.viz import plot_csv
 
@@ -66,7 +66,7 @@ def run(params) -> None:
     logger.info("metrics (reports/metrics.json), fingerprint %s:\n%s", result.fingerprint[:12], as_table(result.metrics))
     logger.info(
         "P-TAME minus each peer on the same images, paired 95 %% intervals (reports/differences.json):\n%s",
-        differences_table(result.differences),
+        as_table(result.differences, ("n", *HEADLINE), intervals=True),
     )
 
 

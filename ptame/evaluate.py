@@ -64,7 +64,6 @@ __all__ = [
     "Evaluation",
     "as_table",
     "bootstrap_intervals",
-    "differences_table",
     "evaluate",
     "fingerprint",
     "load_eval_set",
@@ -246,13 +245,7 @@ def paired_differences(
         if not measures or len(scores[measures[0]]) != len(mine[measures[0]]):
             continue
         diffs = {m: np.asarray(mine[m], dtype=np.float64) - np.asarray(scores[m], dtype=np.float64) for m in measures}
-        intervals = bootstrap_intervals(diffs, resamples, seed)
-        entry: dict[str, float] = {}
-        for m, d in diffs.items():
-            entry[m] = float(d.mean())
-            entry[f"{m}_lo"], entry[f"{m}_hi"] = intervals[m]
-        entry["n"] = len(diffs[measures[0]])
-        out[f"{reference} - {name}"] = entry
+        out[f"{reference} - {name}"] = _with_bounds(diffs, bootstrap_intervals(diffs, resamples, seed))
     return out
 
 
@@ -302,15 +295,20 @@ def _batched_maps(
     return torch.cat(chunks), seconds
 
 
-def _summary(per_image: Mapping[str, np.ndarray], intervals: Mapping[str, tuple[float, float]], seconds_per_image: float) -> dict[str, float]:
-    """Point values (means, today's keys), ``sec_per_image``, ``images``, ``n``, ``_lo``/``_hi`` bounds."""
-    n = len(next(iter(per_image.values())))
+def _with_bounds(per_image: Mapping[str, np.ndarray], intervals: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """Each measure's mean (today's keys), ``n`` and its interval as ``<measure>_lo`` / ``_hi``."""
     out: dict[str, float] = {k: float(np.mean(v)) for k, v in per_image.items()}
-    out["sec_per_image"] = seconds_per_image
-    out["images"] = float(n)
-    out["n"] = n
+    out["n"] = len(next(iter(per_image.values())))
     for measure, (lo, hi) in intervals.items():
         out[f"{measure}_lo"], out[f"{measure}_hi"] = lo, hi
+    return out
+
+
+def _summary(per_image: Mapping[str, np.ndarray], intervals: Mapping[str, tuple[float, float]], seconds_per_image: float) -> dict[str, float]:
+    """Point values, ``sec_per_image``, ``images``, ``n`` and the ``_lo``/``_hi`` bounds of a method."""
+    out = _with_bounds(per_image, intervals)
+    out["sec_per_image"] = seconds_per_image
+    out["images"] = float(out["n"])
     return out
 
 
@@ -483,26 +481,19 @@ def render_gallery(
     return written
 
 
-def as_table(metrics: Mapping[str, Mapping[str, float]], measures: Sequence[str] = tuple(MEASURES)) -> str:
-    """A markdown table of ``metrics[method][measure]`` (for logs and reports)."""
+def as_table(
+    metrics: Mapping[str, Mapping[str, float]], measures: Sequence[str] = tuple(MEASURES), intervals: bool = False
+) -> str:
+    """A markdown table of ``metrics[row][measure]`` (for logs and reports); ``intervals``: ``value [lo, hi]``."""
+
+    def cell(values: Mapping[str, float], m: str) -> str:
+        if m not in values or not np.isfinite(values[m]):
+            return "-"
+        if intervals and f"{m}_lo" in values:
+            return f"{values[m]:+.4g} [{values[f'{m}_lo']:+.3g}, {values[f'{m}_hi']:+.3g}]"
+        return f"{values[m]:.4g}"
+
     head = "| method | " + " | ".join(measures) + " |"
     rule = "| --- |" + " --- |" * len(measures)
-    lines = [head, rule]
-    for method, values in metrics.items():
-        cells = [f"{values[m]:.4g}" if m in values and np.isfinite(values[m]) else "-" for m in measures]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def differences_table(differences: Mapping[str, Mapping[str, float]], measures: Sequence[str] = HEADLINE) -> str:
-    """A markdown table of :func:`paired_differences`: ``difference [lo, hi]`` per measure."""
-    head = "| difference | n | " + " | ".join(measures) + " |"
-    rule = "| --- | --- |" + " --- |" * len(measures)
-    lines = [head, rule]
-    for pair, values in differences.items():
-        cells = [
-            f"{values[m]:+.4g} [{values[f'{m}_lo']:+.3g}, {values[f'{m}_hi']:+.3g}]" if m in values else "-"
-            for m in measures
-        ]
-        lines.append(f"| {pair} | {values.get('n', '-')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [f"| {name} | " + " | ".join(cell(values, m) for m in measures) + " |" for name, values in metrics.items()]
+    return "\n".join([head, rule, *rows])

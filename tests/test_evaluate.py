@@ -198,6 +198,8 @@ def test_paired_differences_hand_computed() -> None:
     limited = {"ptame": {"GridPG": np.array([0.9])}, "gradcam": {"GridPG": np.array([0.5, 0.1])},
                "gradcam@ptame": {"GridPG": np.array([0.5])}}  # fmt: skip
     assert paired_differences(limited)["ptame - gradcam"]["GridPG"] == pytest.approx(0.4)
+    table = as_table(out, ("n", "GridPG"), intervals=True).splitlines()
+    assert table[2].startswith("| ptame - gradcam | 3 | +0.4 [+0.4, +0.4] |")
 
 
 def test_timing_after_warm_up_in_batches(tiny_explainer) -> None:
