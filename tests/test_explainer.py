@@ -236,6 +236,11 @@ def test_smoothing_ranks_the_background_by_closeness_to_the_salient_region() -> 
     ratio = blurred[10, 12] / blurred[10, 10]
     assert ratio.item() == pytest.approx(torch.exp(torch.tensor(-4 / 8)).item(), rel=0.02)
     assert smooth_maps(torch.rand(2, 3, 4, 4), 5.0).shape == (2, 3, 4, 4)  # radius capped by tiny maps
+    # the same blur as torchvision's (reflect padding), on a map that is not square
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    maps = torch.rand(2, 3, 20, 33)
+    torch.testing.assert_close(smooth_maps(maps, 3.0), gaussian_blur(maps, [19, 19], [3.0, 3.0]), atol=1e-6, rtol=0)
 
 
 def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explainer, tmp_path) -> None:
