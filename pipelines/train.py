@@ -50,6 +50,7 @@ def run(params) -> None:
         cam_scale=float(t["cam_scale"]),
         smoothing=float(params["model.smoothing"]),
         cam_weight=float(params.get("model.cam_weight", 0.0)),
+        activity_weight=float(params.get("model.activity_weight", 0.0)),
         loss={k: v if isinstance(v, str) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )

@@ -91,6 +91,7 @@ class ExplainerConfig:
     loss: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     smoothing: float = 0.0
     cam_weight: float = 0.0
+    activity_weight: float = 0.0
     format_version: int = FORMAT_VERSION
 
 
@@ -145,6 +146,10 @@ class Explainer(nn.Module):
             :meth:`class_activation_maps`) added to the head's logits in :meth:`explain` (``0``:
             none, the paper); needs the backbone as auxiliary and a final linear layer over its
             last tapped map. Training never adds it.
+        activity_weight: weight of the backbone's activity (see :meth:`activity`) added to the map
+            logits in :meth:`explain` where the map is off (``0``: none, the paper): among the regions
+            the map leaves out, those where the network sees nothing rank below those where it sees
+            something, so ROAD's LeRF removes empty background first. Needs what ``cam_weight`` needs.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class Explainer(nn.Module):
         loss_weights: LossWeights | None = None,
         smoothing: float = 0.0,
         cam_weight: float = 0.0,
+        activity_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -173,6 +179,11 @@ class Explainer(nn.Module):
         if cam_weight > 0:
             self._check_cam_source("cam_weight")
         self.cam_weight = float(cam_weight)
+        if not activity_weight >= 0:
+            raise ValueError(f"activity_weight must be >= 0 (0: none), got {activity_weight}")
+        if activity_weight > 0:
+            self._check_cam_source("activity_weight")
+        self.activity_weight = float(activity_weight)
         self.stages: list[int] | None = None
         self.pretrained = False
 
@@ -188,6 +199,7 @@ class Explainer(nn.Module):
         preprocessing: Preprocessing | None = None,
         smoothing: float = 0.0,
         cam_weight: float = 0.0,
+        activity_weight: float = 0.0,
     ) -> Explainer:
         """Build an untrained explainer from model URIs (see :mod:`ptame.models`).
 
@@ -199,7 +211,9 @@ class Explainer(nn.Module):
             aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)
         else:
             aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
-        explainer = cls(bb, aux, loss_weights=loss_weights, smoothing=smoothing, cam_weight=cam_weight)
+        explainer = cls(
+            bb, aux, loss_weights=loss_weights, smoothing=smoothing, cam_weight=cam_weight, activity_weight=activity_weight
+        )
         explainer.stages = list(stages) if stages is not None else None
         explainer.pretrained = pretrained
         return explainer
@@ -286,6 +300,13 @@ class Explainer(nn.Module):
             chosen = chosen - (probs.float() @ weight)[:, None]
         return torch.einsum("bchw,bnc->bnhw", features[-1].float(), chosen)
 
+    @staticmethod
+    def activity(features: Sequence[Tensor]) -> Tensor:
+        """How strongly the last tapped map fires at each location, ``(B, 1, h, w)``: the norm over its
+        channels relative to the image's mean norm, minus 1 (negative where the network sees little)."""
+        norm = features[-1].float().norm(dim=1, keepdim=True)
+        return norm / norm.mean((2, 3), keepdim=True).clamp_min(1e-12) - 1
+
     def _fill(self, images: Tensor) -> Tensor | None:
         """What removed pixels become in training: ``None`` for black, else a heavy blur of the image."""
         if self.loss_weights.fill != "blur":
@@ -370,7 +391,8 @@ class Explainer(nn.Module):
 
         Returns:
             An :class:`Explanation` with ``(B, k, h, w)`` maps: the head's logits plus ``cam_weight``
-            x the backbone's class activation maps of ``log p``, blurred (``smoothing``), sigmoid,
+            x the backbone's class activation maps of ``log p`` (plus ``activity_weight`` x its
+            activity where that map is off), blurred (``smoothing``), sigmoid,
             per-map min-max.
         """
         check_images(images)
@@ -379,9 +401,15 @@ class Explainer(nn.Module):
             probs = logits.softmax(1)
             chosen = self._resolve_classes(probs, classes, topk)
             maps = self.head(features, chosen).float()
-            if self.cam_weight > 0:  # counter-evidence (negative CAM) ranks the background
+            size = tuple(maps.shape[-2:])
+            if self.cam_weight > 0 or self.activity_weight > 0:
                 cam = self.class_activation_maps(features, chosen, probs)
-                maps = maps + self.cam_weight * upsample_to(cam, tuple(maps.shape[-2:]))
+                # counter-evidence (negative CAM) ranks the background
+                maps = maps + self.cam_weight * upsample_to(cam, size)
+            if self.activity_weight > 0:  # in units of the CAM's mean magnitude, where the map is off
+                activity = self.activity(features) * cam.abs().mean((2, 3), keepdim=True)
+                off = 1 - torch.sigmoid(smooth_maps(maps, self.smoothing))
+                maps = maps + self.activity_weight * upsample_to(activity, size) * off
             # blur the logits, then min-max the *sigmoid* maps: the head was trained on sigmoid maps,
             # and min-max of the raw logits lifts the background (see the learning test's notes)
             saliency = minmax_normalize(torch.sigmoid(smooth_maps(maps, self.smoothing)))
@@ -429,6 +457,7 @@ class Explainer(nn.Module):
             loss=asdict(self.loss_weights),
             smoothing=self.smoothing,
             cam_weight=self.cam_weight,
+            activity_weight=self.activity_weight,
         )
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -470,6 +499,7 @@ class Explainer(nn.Module):
             preprocessing=Preprocessing.from_dict(cfg.preprocessing),
             smoothing=cfg.smoothing,
             cam_weight=cfg.cam_weight,
+            activity_weight=cfg.activity_weight,
         )
         if explainer.head.channels != cfg.channels:
             raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")

@@ -37,7 +37,7 @@ OPEN = "open"
 #: every key of ``params.yaml``: a mapping is a section, ``None`` any value, :data:`OPEN` any sub-keys
 KNOWN_KEYS: dict[str, Any] = {
     "model": {"backbone": None, "pretrained": None, "auxiliary": None, "stages": None, "preprocessing": OPEN, "class_names": None,
-              "smoothing": None, "cam_weight": None},
+              "smoothing": None, "cam_weight": None, "activity_weight": None},
     "data": {
         "source": None, "eval_fraction": None, "split_seed": None, "max_images": None, "shard_rows": None,
         "demo": dict.fromkeys(("train_images", "grid_fraction", "eval_images", "image_size", "seed", "eval_seed", "min_score")),

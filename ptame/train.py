@@ -106,6 +106,8 @@ class TrainConfig:
             :class:`~ptame.explainer.Explainer`); does not change training.
         cam_weight: the saved explainer's weight of the backbone's class activation maps in its
             maps (see :class:`~ptame.explainer.Explainer`); does not change training.
+        activity_weight: the saved explainer's weight of the backbone's activity where its maps are
+            off (see :class:`~ptame.explainer.Explainer`); does not change training.
         cache_gb: decoded training images are kept in each worker's memory (decoded once, then
             cropped per step) when its shard fits in this many GiB; otherwise Ray Data streams
             and decodes them again every epoch.
@@ -146,6 +148,7 @@ class TrainConfig:
     cam_scale: float = 0.2
     smoothing: float = 0.0
     cam_weight: float = 0.0
+    activity_weight: float = 0.0
     cache_gb: float = 2.0
     fail_at_step: int | None = None
 
@@ -553,6 +556,7 @@ def _build_explainer(cfg: TrainConfig):  # -> Explainer
         cfg.backbone, cfg.auxiliary, stages=cfg.stages, pretrained=cfg.pretrained,
         loss_weights=LossWeights(**cfg.loss), preprocessing=Preprocessing.from_dict(cfg.preprocessing),
         class_names=cfg.class_names, smoothing=cfg.smoothing, cam_weight=cfg.cam_weight,
+        activity_weight=cfg.activity_weight,
     )
     if cfg.head_init == "cam":
         explainer.init_head_from_classifier(cfg.cam_scale)

@@ -310,3 +310,38 @@ def test_cam_weight_ranks_counter_evidence_below_the_background() -> None:
     red, grey, blue = saliency[2:6, 2:6].mean(), saliency[2:6, 10:14].mean(), saliency[10:14, 10:14].mean()
     assert red > 0.9 and blue < 0.1
     assert blue < grey - 0.2 and grey < red
+
+
+def test_activity_weight_ranks_empty_background_lowest(tmp_path) -> None:
+    """Red is class 0's evidence; blue makes the network fire but counts for no class; the rest is empty
+    grey. The map alone ties blue and grey; with the activity added, grey (nothing there) ranks below
+    blue, and red stays on top. The activity is the last map's channel norm over its image mean, - 1."""
+    explainer = red_explainer()
+    model = explainer.backbone.model
+    with torch.no_grad():
+        model.features[0].weight[1, :, 1, 1] = torch.tensor([-1.0, -1.0, 1.0])  # fires on blue only
+        model.features[0].bias[1] = -1.0
+        model.features[3].weight[1, 1, 1, 1] = 1.0
+        model.features[6].weight[1, 1, 1, 1] = 1.0  # no classifier weight: neutral for every class
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[0, :, 8:24, 8:24] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # red, top left
+    image[0, :, 40:56, 40:56] = torch.tensor([0.1, 0.1, 0.9])[:, None, None]  # blue, bottom right
+
+    def parts(saliency: torch.Tensor) -> tuple[float, float, float]:  # 16 x 16 map: 4 pixels per cell
+        return saliency[2:6, 2:6].mean().item(), saliency[2:6, 10:14].mean().item(), saliency[10:14, 10:14].mean().item()
+
+    red, grey, blue = parts(explainer.explain(image, classes=0).saliency[0, 0])
+    assert blue == pytest.approx(grey, abs=1e-6) and red > grey + 0.5
+    with torch.no_grad():
+        _, features = explainer.logits_and_features(image)
+        norm = features[-1].norm(dim=1)
+    torch.testing.assert_close(Explainer.activity(features)[:, 0], norm / norm.mean() - 1)
+    explainer.activity_weight = 1.0
+    red_a, grey_a, blue_a = parts(explainer.explain(image, classes=0).saliency[0, 0])
+    assert blue_a > grey_a + 0.5 and red_a > blue_a + 0.05  # the order: red, then blue, then grey
+    loaded = Explainer.load(explainer.save(tmp_path / "m"))
+    assert loaded.activity_weight == 1.0
+    with pytest.raises(ValueError, match="activity_weight needs auxiliary 'backbone'"):
+        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, activity_weight=1.0)
+    with pytest.raises(ValueError, match="activity_weight must be >= 0"):
+        Explainer(explainer.backbone, explainer.auxiliary, activity_weight=-1.0)
