@@ -400,20 +400,25 @@ class Explainer(nn.Module):
             logits, features = self.logits_and_features(images)
             probs = logits.softmax(1)
             chosen = self._resolve_classes(probs, classes, topk)
-            maps = self.head(features, chosen).float()
-            size = tuple(maps.shape[-2:])
-            if self.cam_weight > 0 or self.activity_weight > 0:
-                cam = self.class_activation_maps(features, chosen, probs)
-                # counter-evidence (negative CAM) ranks the background
-                maps = maps + self.cam_weight * upsample_to(cam, size)
-            if self.activity_weight > 0:  # in units of the CAM's mean magnitude, where the map is off
-                activity = self.activity(features) * cam.abs().mean((2, 3), keepdim=True)
-                off = 1 - torch.sigmoid(smooth_maps(maps, self.smoothing))
-                maps = maps + self.activity_weight * upsample_to(activity, size) * off
-            # blur the logits, then min-max the *sigmoid* maps: the head was trained on sigmoid maps,
-            # and min-max of the raw logits lifts the background (see the learning test's notes)
-            saliency = minmax_normalize(torch.sigmoid(smooth_maps(maps, self.smoothing)))
+            # min-max the *sigmoid* maps: the head was trained on sigmoid maps, and min-max of the raw
+            # logits lifts the background (see the learning test's notes)
+            saliency = minmax_normalize(torch.sigmoid(self._map_logits(features, chosen, probs)))
             return Explanation(saliency, chosen, probs.gather(1, chosen), probs)
+
+    def _map_logits(self, features: Sequence[Tensor], chosen: Tensor, probs: Tensor) -> Tensor:
+        """The explained logits of ``chosen`` ``(B, k)``: the head's, plus the CAM and activity terms, blurred."""
+        maps = self.head(features, chosen).float()
+        size = tuple(maps.shape[-2:])
+        if self.cam_weight == 0 and self.activity_weight == 0:
+            return smooth_maps(maps, self.smoothing)
+        cam = self.class_activation_maps(features, chosen, probs)
+        if self.cam_weight > 0:  # counter-evidence (negative CAM) ranks below neutral background
+            maps = maps + self.cam_weight * upsample_to(cam, size)
+        if self.activity_weight > 0:  # in units of the CAM's mean magnitude, where the map is off
+            activity = self.activity(features) * cam.abs().mean((2, 3), keepdim=True)
+            off = 1 - torch.sigmoid(smooth_maps(maps, self.smoothing))
+            maps = maps + self.activity_weight * upsample_to(activity, size) * off
+        return smooth_maps(maps, self.smoothing)
 
     def explain_image(
         self, image: str | Path | bytes | Any, class_: int | str | None = None, view: str = "crop"
