@@ -174,16 +174,8 @@ class Explainer(nn.Module):
         if not smoothing >= 0:
             raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
         self.smoothing = float(smoothing)
-        if not cam_weight >= 0:
-            raise ValueError(f"cam_weight must be >= 0 (0: none), got {cam_weight}")
-        if cam_weight > 0:
-            self._check_cam_source("cam_weight")
-        self.cam_weight = float(cam_weight)
-        if not activity_weight >= 0:
-            raise ValueError(f"activity_weight must be >= 0 (0: none), got {activity_weight}")
-        if activity_weight > 0:
-            self._check_cam_source("activity_weight")
-        self.activity_weight = float(activity_weight)
+        self.cam_weight = self._map_term_weight("cam_weight", cam_weight)
+        self.activity_weight = self._map_term_weight("activity_weight", activity_weight)
         self.stages: list[int] | None = None
         self.pretrained = False
 
@@ -268,6 +260,14 @@ class Explainer(nn.Module):
             self.head.fuser.weight.zero_()
             self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
             self.head.stages[-1].bn.weight.zero_()
+
+    def _map_term_weight(self, name: str, weight: float) -> float:
+        """A weight of a map term read from the backbone's last feature map: >= 0, and > 0 only where that map exists."""
+        if not weight >= 0:
+            raise ValueError(f"{name} must be >= 0 (0: none), got {weight}")
+        if weight > 0:
+            self._check_cam_source(name)
+        return float(weight)
 
     def _check_cam_source(self, what: str, instead: str = "set it to 0") -> Tensor:
         """The backbone's final linear weights ``(K, C)`` over its last tapped map, or a clear error."""
