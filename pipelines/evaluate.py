@@ -29,16 +29,17 @@ GALLERY = Path("reports/gallery")
 def run(params) -> None:
     import torch
 
-    from ptame.evaluate import HEADLINE, as_table, evaluate, load_eval_set, render_gallery, write_road_plots
+    from ptame.evaluate import HEADLINE, as_table, evaluate, load_eval_set, log_precision, render_gallery, write_road_plots
     from ptame.explainer import Explainer
     from ptame.viz import plot_csv
 
     start = time.perf_counter()
     e = params["evaluate"]
+    methods = e["methods"].to_dict()
+    log_precision({m: dict(o or {}) for m, o in methods.items()})
     torch.manual_seed(e["seed"])
     explainer = Explainer.load(MODEL)
     evalset = load_eval_set(DATA, explainer.backbone, max_images=e["max_images"], batch_size=e["batch_size"])
-    methods = e["methods"].to_dict()
     road, boot = e["road"], e["bootstrap"]
     result = evaluate(
         explainer, evalset, {m: dict(o or {}) for m, o in methods.items()},

@@ -1,4 +1,7 @@
-"""DVC stage ``train``: Ray Train on ``data/prepared/train`` -> the explainer in ``models/explainer``.
+"""DVC stage ``train``: Ray Train on ``data/prepared/train`` -> the trained explainer in ``models/head``.
+
+The explain-time map settings (``model.smoothing``, ``cam_weight``, ``activity_weight``) are not read
+here: the ``maps`` stage applies them, so changing one never retrains.
 
 Writes the loss terms per step to ``reports/plots/train_loss.csv`` (a DVC plot; also drawn as
 ``train_loss.png``, which ``dvc plots show`` renders offline) and a summary to
@@ -13,7 +16,7 @@ from pathlib import Path
 from _stage import main
 
 DATA = "data/prepared/train"
-OUT = "models/explainer"
+OUT = "models/head"
 LOSS_CSV = Path("reports/plots/train_loss.csv")
 LOSS_PNG = Path("reports/plots/train_loss.png")
 LOSS_TERMS = ("loss", "ce", "area", "tv", "deletion")
@@ -22,7 +25,7 @@ SUMMARY = Path("reports/train.json")
 TRAIN_KEYS = (
     "epochs", "max_steps", "batch_size", "augment", "num_workers", "cpus_per_worker", "use_gpu", "amp",
     "storage_path", "run_name", "checkpoint_every", "max_failures", "seed", "ray_address", "log_every",
-    "head_init", "cache_gb",
+    "head_init", "cache_gb", "image_size",
 )  # fmt: skip
 
 
@@ -48,9 +51,6 @@ def run(params) -> None:
         lr=float(t["lr"]),  # YAML 1.1 reads "1e-4" as a string
         weight_decay=float(t["weight_decay"]),
         cam_scale=float(t["cam_scale"]),
-        smoothing=float(params["model.smoothing"]),
-        cam_weight=float(params.get("model.cam_weight", 0.0)),
-        activity_weight=float(params.get("model.activity_weight", 0.0)),
         loss={k: v if isinstance(v, str) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )

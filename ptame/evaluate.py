@@ -65,6 +65,7 @@ __all__ = [
     "as_table",
     "bootstrap_intervals",
     "evaluate",
+    "log_precision",
     "fingerprint",
     "load_eval_set",
     "paired_differences",
@@ -310,6 +311,17 @@ def _summary(per_image: Mapping[str, np.ndarray], intervals: Mapping[str, tuple[
     out["sec_per_image"] = seconds_per_image
     out["images"] = float(out["n"])
     return out
+
+
+def log_precision(methods: Mapping[str, Mapping[str, Any]], device: torch.device | str = "cpu") -> None:
+    """One line per method that autocasts (RISE's ``amp``): which precision and why; the rest is float32."""
+    from ptame.precision import precision_for
+
+    autocast = [name for name, options in methods.items() if "amp" in options or name == "rise"]
+    for name in autocast:
+        precision_for(methods[name].get("amp", "auto"), device, f"evaluation: {name}'s masked passes in")
+    if not autocast:
+        logger.info("evaluation precision float32: no method autocasts")
 
 
 def evaluate(

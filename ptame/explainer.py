@@ -171,13 +171,10 @@ class Explainer(nn.Module):
         if list(self.head.channels) != list(auxiliary.channels):
             raise ValueError(f"head expects channels {self.head.channels}, auxiliary gives {auxiliary.channels}")
         self.loss_weights = loss_weights or LossWeights()
-        if not smoothing >= 0:
-            raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
-        self.smoothing = float(smoothing)
-        self.cam_weight = self._map_term_weight("cam_weight", cam_weight)
-        self.activity_weight = self._map_term_weight("activity_weight", activity_weight)
+        self.set_maps(smoothing, cam_weight, activity_weight)
         self.stages: list[int] | None = None
         self.pretrained = False
+        self.saved_extra: dict[str, Any] | None = None
 
     @classmethod
     def from_uris(
@@ -260,6 +257,14 @@ class Explainer(nn.Module):
             self.head.fuser.weight.zero_()
             self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
             self.head.stages[-1].bn.weight.zero_()
+
+    def set_maps(self, smoothing: float = 0.0, cam_weight: float = 0.0, activity_weight: float = 0.0) -> None:
+        """Set the explain-time map settings (see the class docstring); training never reads them."""
+        if not smoothing >= 0:
+            raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
+        self.smoothing = float(smoothing)
+        self.cam_weight = self._map_term_weight("cam_weight", cam_weight)
+        self.activity_weight = self._map_term_weight("activity_weight", activity_weight)
 
     def _map_term_weight(self, name: str, weight: float) -> float:
         """A weight of a map term read from the backbone's last feature map: >= 0, and > 0 only where that map exists."""
@@ -490,7 +495,7 @@ class Explainer(nn.Module):
         if not (src / CONFIG_FILE).is_file() or not (src / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{src} is not a saved explainer: expected {CONFIG_FILE} and {HEAD_FILE}")
         raw = json.loads((src / CONFIG_FILE).read_text())
-        raw.pop("extra", None)
+        extra = raw.pop("extra", None)
         if raw.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{src} was saved by a newer ptame (format {raw['format_version']})")
         cfg = ExplainerConfig(**raw)
@@ -509,4 +514,5 @@ class Explainer(nn.Module):
         if explainer.head.channels != cfg.channels:
             raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")
         explainer.head.load_state_dict(load_file(str(src / HEAD_FILE), device=str(map_location)))
+        explainer.saved_extra = extra  # what save(extra=...) recorded (e.g. the training run)
         return explainer.to(map_location)

@@ -34,7 +34,6 @@ __all__ = [
     "load_auxiliary",
     "backbone_taps",
     "classifier_weight",
-    "amp_dtype",
     "probe_input",
     "warn_if_random",
 ]
@@ -352,14 +351,6 @@ def probe_input(model: nn.Module, size: int) -> Tensor:
             dtype = t.dtype
             break
     return torch.zeros(1, 3, size, size, device=device, dtype=dtype)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on CPUs and on GPUs that have it (no GradScaler, so no host sync per
-    step); fp16, with a GradScaler when training, on older GPUs."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float16
-    return torch.bfloat16
 
 
 def _infer_num_classes(model: nn.Module, size: int) -> int:

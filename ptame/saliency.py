@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ptame.explainer import Explainer, check_images
 from ptame.head import minmax_normalize
-from ptame.models import Classifier, amp_dtype, probe_input
+from ptame.models import Classifier, probe_input
+from ptame.precision import choose_precision
 
 __all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 
@@ -181,7 +182,7 @@ def rise_multi(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
-    amp: bool = False,
+    amp: bool | str = "auto",
 ) -> Tensor:
     """RISE maps of several classes per image from one set of masked forward passes.
 
@@ -191,8 +192,9 @@ def rise_multi(
     Args:
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
         classes: ``(B, k)`` classes to explain per image.
-        amp: run the masked passes under bf16 autocast (fp16 on pre-Ampere GPUs): about 2.5x faster
-            on CPUs with bf16 instructions; the probabilities are then averaged in float32.
+        amp: autocast the masked passes (:func:`ptame.precision.choose_precision`; ``"auto"``: only
+            where bf16 is native, about 2.5x faster there, 20x slower where emulated); the
+            probabilities are averaged in float32.
 
     Returns:
         ``(B, k, H, W)`` maps, min-max normalised per map.
@@ -202,12 +204,12 @@ def rise_multi(
     generator = torch.Generator().manual_seed(seed)
     masks = rise_masks(num_masks, tuple(images.shape[-2:]), cells, p, generator).to(images.device)
     maps = torch.zeros(images.shape[0], classes.shape[1], *images.shape[-2:], device=images.device)
-    autocast = torch.autocast(images.device.type, dtype=amp_dtype(images.device), enabled=amp)
+    precision = choose_precision(amp, images.device)
     with torch.inference_mode():
         for i in tqdm(range(images.shape[0]), desc=f"RISE N={num_masks}", disable=None if progress else True, leave=False):
             for start in range(0, num_masks, batch_size):
                 m = masks[start : start + batch_size]
-                with autocast:
+                with precision.autocast(images.device):
                     logits = backbone(images[i : i + 1] * m)
                 probs = logits.float().softmax(1)[:, classes[i]]  # (n, k)
                 maps[i] += torch.einsum("nk,nhw->khw", probs, m[:, 0])
@@ -225,7 +227,7 @@ def rise(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
-    amp: bool = False,
+    amp: bool | str = "auto",
     **_: Any,
 ) -> Tensor:
     """RISE (Petsiuk et al., 2018): the mean of random masks weighted by the class probability."""

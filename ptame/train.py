@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ptame.losses import LossWeights
-from ptame.models import Preprocessing, amp_dtype
+from ptame.models import Preprocessing
+from ptame.precision import check_amp, choose_precision, precision_for
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -52,6 +53,8 @@ _PREP_FIELDS = {f.name for f in fields(Preprocessing)}
 _NOT_FINGERPRINTED = {
     "output_dir", "use_gpu", "storage_path", "run_name", "checkpoint_every", "max_failures",
     "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy", "cache_gb",
+    "amp",  # numerics only: a run resumed on other hardware may change precision
+    "smoothing", "cam_weight", "activity_weight",  # explain-time map settings: applied when saving, never trained
 }
 
 
@@ -70,6 +73,10 @@ class TrainConfig:
         stages: auxiliary stages to tap (default: strides 4 to 32).
         preprocessing: overrides of the backbone's :class:`Preprocessing` fields (``input_size``,
             ``resize``, ``mean``, ``std``).
+        image_size: side of the training crops (``None``: the backbone's ``input_size``); the
+            images are resized in proportion (``resize * image_size / input_size``), so objects keep
+            their scale relative to the crop. Smaller trains faster; the saved explainer still
+            explains at ``input_size`` (the head is resolution-free: 1x1 convolutions).
         class_names: one name per output of the classifier, stored in the saved explainer so that
             bulk rows, HTTP answers and overlays say them (default: ImageNet names for 1000 outputs).
         epochs: passes over the data.
@@ -81,8 +88,9 @@ class TrainConfig:
         augment: resize, random crop and horizontal flip (method.md); off: resize + centre crop.
         num_workers: Ray Train workers (one process each, DDP over the head).
         use_gpu: one GPU per worker.
-        amp: mixed precision: bf16 autocast on CPU and on GPUs with bf16 (Ampere and newer),
-            fp16 autocast + GradScaler on older GPUs.
+        amp: mixed precision (:func:`ptame.precision.choose_precision`): ``"auto"`` autocasts to
+            bf16 only where the hardware has it natively (CPUs with AVX512-BF16/AMX/Arm BF16, GPUs
+            from Ampere on; fp16 + GradScaler on older GPUs), else float32; ``True`` forces it.
         storage_path: where Ray Train keeps checkpoints (local directory, made absolute, or a
             shared/cloud URI; multi-node clusters need storage every node can reach).
         run_name: prefix of the run directory under ``storage_path``.
@@ -121,6 +129,7 @@ class TrainConfig:
     output_dir: str
     stages: list[int] | None = None
     preprocessing: dict | None = None
+    image_size: int | None = None
     class_names: list[str] | None = None
     epochs: int = 1
     max_steps: int | None = None
@@ -131,7 +140,7 @@ class TrainConfig:
     augment: bool = True
     num_workers: int = 1
     use_gpu: bool = False
-    amp: bool = False
+    amp: bool | str = "auto"
     storage_path: str = "ray_results"
     run_name: str = "ptame-train"
     checkpoint_every: int = 50
@@ -166,7 +175,8 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
-        for name in ("max_steps", "fail_at_step"):
+        check_amp(self.amp, "TrainConfig.amp")
+        for name in ("max_steps", "fail_at_step", "image_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be None or a positive int, got {value!r}")
@@ -398,8 +408,9 @@ def train(config: TrainConfig) -> TrainResult:
     cfg = replace(cfg, preprocessing=_resolve_preprocessing(cfg))
     name = _run_directory(cfg, files)
     logger.info(
-        "training %s on %d images (%d files): %d workers x batch %d, %d steps (%d per epoch), run %s/%s",
-        cfg.backbone, rows, len(files), cfg.num_workers, cfg.batch_size, total, per_epoch, cfg.storage_path, name,
+        "training %s on %d images (%d files): %d workers x batch %d at %d px, %d steps (%d per epoch), precision %s, run %s/%s",
+        cfg.backbone, rows, len(files), cfg.num_workers, cfg.batch_size, _training_preprocessing(cfg)["input_size"],
+        total, per_epoch, _expected_precision(cfg), cfg.storage_path, name,
     )
     columns = [cfg.image_column] + (["image_id"] if "image_id" in names and cfg.image_column != "image_id" else [])
 
@@ -426,9 +437,25 @@ def train(config: TrainConfig) -> TrainResult:
             ray.shutdown()
 
 
+def _expected_precision(cfg: TrainConfig) -> str:
+    """The precision a worker will choose, as seen from the driver (each worker decides and logs its own)."""
+    if cfg.use_gpu:
+        return f"amp={cfg.amp} (decided on each worker's GPU)"
+    return choose_precision(cfg.amp, "cpu").describe()
+
+
+def _training_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved preprocessing at the training crop size (``image_size``), resize scaled alike."""
+    prep = dict(cfg.preprocessing)
+    if cfg.image_size is not None and cfg.image_size != prep["input_size"]:
+        scale = cfg.image_size / prep["input_size"]
+        prep.update(input_size=cfg.image_size, resize=max(cfg.image_size, round(prep["resize"] * scale)))
+    return prep
+
+
 def _fits_cache(cfg: TrainConfig, rows: int) -> bool:
     """Whether one worker's decoded shard (uint8, ``resize`` x ``resize``) fits in ``cache_gb``."""
-    prep = Preprocessing.from_dict(cfg.preprocessing)
+    prep = Preprocessing.from_dict(_training_preprocessing(cfg))
     side = prep.resize if cfg.augment else prep.input_size
     gib = rows / cfg.num_workers * 3 * side * side / 2**30
     cache = gib <= cfg.cache_gb
@@ -482,7 +509,7 @@ def _fit(
     quiet_ray_data()  # the workers log ptame's own progress; Ray Train's set-up chatter stays in its log files
     images = ray.data.read_parquet(cfg.data).select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
         _decode_batch,
-        fn_kwargs={"image_column": cfg.image_column, "prep": cfg.preprocessing, "augment": cfg.augment},
+        fn_kwargs={"image_column": cfg.image_column, "prep": _training_preprocessing(cfg), "augment": cfg.augment},
         batch_size=64,
         batch_format="numpy",
     )
@@ -627,8 +654,7 @@ class _ShardImages:
 
     def __init__(self, shard, cfg: TrainConfig, rank: int, cache: bool) -> None:
         self.shard, self.cfg, self.rank, self.cache = shard, cfg, rank, cache
-        prep = Preprocessing.from_dict(cfg.preprocessing)
-        self.size = prep.input_size
+        self.size = _training_preprocessing(cfg)["input_size"]
         self._images: torch.Tensor | None = None
 
     def _seed(self, *parts: int) -> torch.Generator:
@@ -764,7 +790,7 @@ class _LossLog:
         return kept, {k: rows[-1][k] for k in (*LOSS_TERMS, "lr")}
 
 
-def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
+def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device, precision):
     """The explainer with its head wrapped for DDP, and the optimiser, schedule and grad scaler."""
     import ray.train.torch
 
@@ -780,7 +806,7 @@ def _prepare_worker(cfg: TrainConfig, total: int, device: torch.device):
     explainer.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
     return explainer, head, optimizer, scheduler, scaler
 
 
@@ -800,8 +826,8 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
     if cfg.cpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    explainer, head, optimizer, scheduler, scaler = _prepare_worker(cfg, total, device)
-    autocast_dtype = amp_dtype(device)
+    precision = precision_for(cfg.amp, device, f"training worker {rank}:") if rank == 0 else choose_precision(cfg.amp, device)
+    explainer, head, optimizer, scheduler, scaler = _prepare_worker(cfg, total, device, precision)
 
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
@@ -841,7 +867,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
         # a fresh pass, as Ray Data streams in no fixed order): no step is ever done twice.
         for images in shard.epoch(state["epoch"], state["epoch_step"], per_epoch):
             images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
+            with precision.autocast(device):
                 out = explainer.training_step(images)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()

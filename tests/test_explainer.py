@@ -263,6 +263,28 @@ def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explaine
         Explainer(tiny_explainer.backbone, tiny_explainer.auxiliary, smoothing=-1)
 
 
+def test_set_maps_changes_the_maps_not_the_head_and_keeps_the_saved_extra(tmp_path) -> None:
+    """What the DVC ``maps`` stage does: a trained head re-saved with other map settings."""
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP)
+    explainer.init_head_from_classifier(scale=0.5)
+    images = torch.rand(2, 3, 64, 64)
+    plain = explainer.explain(images).saliency
+    explainer.save(tmp_path / "head", extra={"train": {"steps": 7}})
+    loaded = Explainer.load(tmp_path / "head")
+    assert loaded.saved_extra == {"train": {"steps": 7}}
+    loaded.set_maps(smoothing=1.5, cam_weight=0.5, activity_weight=1.0)
+    again = Explainer.load(loaded.save(tmp_path / "explainer", extra=loaded.saved_extra))
+    assert (again.smoothing, again.cam_weight, again.activity_weight) == (1.5, 0.5, 1.0)
+    assert again.saved_extra == {"train": {"steps": 7}}
+    for name, value in again.head.state_dict().items():
+        assert torch.equal(value, explainer.head.state_dict()[name]), name
+    assert not torch.allclose(again.explain(images).saliency, plain)
+    again.set_maps()  # the paper's maps again: the same as before
+    torch.testing.assert_close(again.explain(images).saliency, plain)
+    with pytest.raises(ValueError, match="cam_weight must be >= 0"):
+        again.set_maps(cam_weight=-0.5)
+
+
 def test_cam_weight_adds_the_backbones_class_activation_maps(tmp_path) -> None:
     from ptame.head import minmax_normalize
 

@@ -19,7 +19,7 @@ from ptame.params import MissingParamError, Params, UnknownParamError, check_key
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE_KEYS = ("AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD-MoRF", "ROAD-LeRF", "GridPG", "sec_per_image")
-STAGES = ("prepare", "train", "evaluate", "register", "explain")
+STAGES = ("prepare", "train", "maps", "evaluate", "register", "explain")
 
 
 def _tiny_params() -> dict:
@@ -74,7 +74,13 @@ def test_dvc_repro_end_to_end(repro) -> None:
 
     # every stage's outs exist
     assert sorted(p.name for p in (project / "data/prepared").iterdir()) == ["eval", "train"]
-    assert {"config.json", "head.safetensors"} <= {p.name for p in (project / "models/explainer").iterdir()}
+    for folder in ("models/head", "models/explainer"):
+        assert {"config.json", "head.safetensors"} <= {p.name for p in (project / folder).iterdir()}
+    saved = json.loads((project / "models/explainer/config.json").read_text())
+    wanted = yaml.safe_load((project / "params.yaml").read_text())["model"]
+    assert [saved[k] for k in ("smoothing", "cam_weight", "activity_weight")] == [
+        wanted[k] for k in ("smoothing", "cam_weight", "activity_weight")]  # the maps stage applied them
+    assert saved["extra"]["train"]["steps"] == 3  # and kept what training recorded
     for path in ("reports/prepare.json", "reports/train.json", "reports/plots/train_loss.csv", "reports/plots/road_morf.csv",
                  "reports/plots/road_lerf.csv", "reports/gallery/gallery.png", "reports/registered.json"):
         assert (project / path).is_file(), path
@@ -138,6 +144,31 @@ def test_dvc_repro_end_to_end(repro) -> None:
     # a second repro has nothing to do
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+    # a map setting re-runs maps and what follows, never train; a change to how maps are made re-runs evaluate
+    # (dvc status names the stages whose own deps changed; the ones below them follow when those run)
+    assert _changed(project, env, lambda p: p["model"].update(smoothing=p["model"]["smoothing"] + 1)) == {"maps"}
+    assert {"train", "maps", "evaluate", "explain"} <= _changed(project, env, code="ptame/explainer.py")
+
+
+def _changed(project: Path, env: dict[str, str], edit=None, code: str | None = None) -> set[str]:  # noqa: ANN001
+    """The stages ``dvc status`` says changed after one edit of params.yaml or of a code file (undone after)."""
+    params_file, before = project / "params.yaml", (project / "params.yaml").read_text()
+    target = project / (code or "params.yaml")
+    original = target.read_text()
+    try:
+        if edit is not None:
+            params = yaml.safe_load(before)
+            edit(params)
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        if code is not None:
+            target.write_text(original + "\n# edited\n")
+        status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert status.returncode == 0, status.stderr
+        return {name.split(":")[-1] for name in json.loads(status.stdout or "{}")}
+    finally:
+        target.write_text(original)
+        params_file.write_text(before)
 
 
 def test_params_errors_name_the_key(tmp_path) -> None:
