@@ -34,6 +34,7 @@ __all__ = [
     "load_explainer",
     "log_explainer",
     "parse_model_uri",
+    "pip_requirement",
     "pyfunc_signature",
     "relative_sqlite",
     "resolve_version",
@@ -235,6 +236,16 @@ def explain_rows(
     return explain_prepared(explainer, items, topk=topk, classes=[chosen] * len(items))
 
 
+def pip_requirement() -> str:
+    """``ptame==<version>``: the ptame that logs a model, pinned in its pyfunc environment."""
+    from ptame import __version__
+
+    if __version__ == "0.0.0":  # a source tree that is not installed: no version to pin
+        logger.warning("ptame is not installed, so the pyfunc's requirement is an unpinned 'ptame'")
+        return "ptame"
+    return f"ptame=={__version__}"
+
+
 def _pyfunc_class() -> type:
     import mlflow.pyfunc
 
@@ -294,7 +305,7 @@ def log_explainer(
                 registered_model_name=registered_name,
                 signature=pyfunc_signature(),
                 input_example=(input_example(), {"topk": 3}),
-                pip_requirements=["ptame"],
+                pip_requirements=[pip_requirement()],
             )
     version = str(info.registered_model_version)
     if description:

@@ -28,6 +28,16 @@ def test_register_and_load_by_alias(tiny_explainer, mlflow_dir) -> None:
     torch.testing.assert_close(loaded.explainer.explain(images).saliency, tiny_explainer.explain(images).saliency)
 
 
+def test_pyfunc_pins_the_ptame_that_logged_it(tiny_explainer, mlflow_dir) -> None:
+    from importlib.metadata import version
+
+    import mlflow
+
+    registry.log_explainer(tiny_explainer, "tiny")
+    requirements = open(mlflow.pyfunc.get_model_dependencies("models:/tiny/1")).read().split()
+    assert f"ptame=={version('ptame')}" in requirements and "ptame" not in requirements
+
+
 def test_unknown_registry_references_say_so(mlflow_dir) -> None:
     with pytest.raises(LookupError, match="not in the registry"):
         registry.load_explainer("models:/nothing@champion")
