@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -404,13 +405,13 @@ def _progress_note(output: str) -> str:
 
 
 def _check_classes(classes: int | str | None) -> None:
-    """``classes`` is an index >= 0, a column name, or ``None``."""
+    """``classes`` is an index >= 0, -1 (the prediction), a column name, or ``None``."""
     if classes is None or isinstance(classes, str) and classes:
         return
     if not isinstance(classes, int) or isinstance(classes, bool):
         raise TypeError(f"classes must be a class index or a column name, got {classes!r}")
-    if classes < 0:
-        raise ValueError(f"classes must be a class index >= 0 or a column name, got {classes}")
+    if classes < -1:
+        raise ValueError(f"classes must be a class index >= 0, -1 (the prediction) or a column name, got {classes}")
 
 
 def _check_class_column(source: Any, column: str) -> None:
@@ -478,8 +479,9 @@ def explain_to_parquet(
         max_pixels: larger images are refused as decompression bombs, an error row (default: the
             job's, or :data:`ptame.data.DEFAULT_MAX_PIXELS`).
         image_column, id_column: columns of a Parquet input (ids default to ``<file>#<row>``).
-        classes: the class every map explains (an index), or the column of a Parquet input that holds
-            each row's class (an index or a label; null rows and the default explain the prediction).
+        classes: the class every map explains (an index; ``-1``: the prediction), or the column of a Parquet
+            input that holds each row's class (an index or a label; null and -1 rows, and the default,
+            explain the prediction).
         view: ``"crop"``: the map covers the classifier's centre crop; ``"full"``: the whole image
             (letterboxed: longer side resized, padded with the mean; the map is cut to the image).
         maps: ``"pred"``: the map of that class only; ``"topk"``: also the maps of all ``topk_classes``
@@ -505,11 +507,12 @@ def explain_to_parquet(
         raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
     from ptame.data import check_view
     from ptame.explanations import read_manifest
-    from ptame.records import resolve_class
+    from ptame.records import PREDICTED, resolve_class
     from ptame.registry import load_explainer
     from ptame.sources import resolve_source
 
     check_view(view)
+    classes = None if classes == PREDICTED else classes  # -1: the prediction, the same job as the default
     start = time.perf_counter()
     model_uri, tracking_uri = _pin_model(model, tracking_uri)
     source = resolve_source(input, image_column=image_column, id_column=id_column)
@@ -710,7 +713,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None, help="larger images are refused as decompression bombs, an error row (default: the job's, else 64 megapixels)")
     parser.add_argument("--image-column", default="image", help="image-bytes column of a Parquet input (default: %(default)s)")
     parser.add_argument("--id-column", default="image_id", help="id column of a Parquet input; without it ids are <file>#<row> (default: %(default)s)")
-    parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image, or the column of a Parquet input holding each row's class index or label (default: the predicted class)")
+    parser.add_argument("--classes", type=_class_option, default=None, metavar="INDEX|COLUMN", help="class the maps explain: an index for every image (-1: the predicted class), or the column of a Parquet input holding each row's class index or label (null or -1: the prediction) (default: the predicted class)")
     parser.add_argument("--view", choices=VIEWS, default="crop", help="what each map covers: 'crop', the centre square the classifier sees (crop_box says where); 'full', the whole image, letterboxed (longer side resized, padded with the mean, the map cut to the image: its shape follows the aspect ratio, crop_box is the whole image). A rerun must keep the job's view (default: %(default)s)")
     parser.add_argument("--maps", choices=MAPS, default="pred", help="pred: the map of the explained class (saliency); topk: also the maps of all --topk classes in topk_saliency, from the same pass (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
@@ -719,8 +722,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _class_option(text: str) -> int | str:
-    """``--classes``: digits are a class index, anything else a column name."""
-    return int(text) if text.isdigit() else text
+    """``--classes``: an integer is a class index (``-1``: the prediction), anything else a column name."""
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
 
 
 def main(args: argparse.Namespace) -> int:

@@ -273,7 +273,7 @@ def test_parquet_and_path_list_inputs(tmp_path, saved_model, explainer, local_ra
 
 def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, explainer, local_ray) -> None:
     data, bad = mixed_files()
-    good = sorted(k for k in data if k not in bad)[:4]
+    good = sorted(k for k in data if k not in bad)[:5]
     images = write_files(tmp_path / "images", {k: data[k] for k in good})
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -299,16 +299,24 @@ def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, ex
 
     # per row: a Parquet column of indices or labels; null explains the prediction, a class the model lacks is an error row
     shard = tmp_path / "shard.parquet"
-    pq.write_table(pa.table({"image_id": good, "image": [data[k] for k in good], "target": ["1", None, "3", "9"]}), shard)
+    pq.write_table(pa.table({"image_id": good, "image": [data[k] for k in good], "target": ["1", None, "3", "9", "-1"]}), shard)
     run("--input", str(shard), "--output", str(tmp_path / "rows"), "--classes", "target")
     df = read_explanations(str(tmp_path / "rows")).set_index("image_id")
-    for k, target in zip(good[:3], (1, None, 3)):
+    for k, target in zip(good[:3] + good[4:], (1, None, 3, None)):
         check(df.loc[k], data[k], target)
     assert "class 9 is out of range" in df.loc[good[3], "error"]
 
+    # -1 is the prediction, as ?class=-1 of `ptame serve` and the pyfunc's class -1: the default's job
+    assert (_class_option("-1"), _class_option("-x")) == (-1, "-x")
+    run("--input", str(images), "--output", str(tmp_path / "pred"), "--classes", "-1")
+    df = read_explanations(str(tmp_path / "pred")).set_index("image_id")
+    for k in good:
+        check(df.loc[k], data[k], None)
+    assert read_manifest(str(tmp_path / "pred"))["classes"] is None
+
     from ptame.cli import main as cli
 
-    for classes, why in (("7", "class 7 is out of range"), ("target", "names a column, but the input is image files")):
+    for classes, why in (("7", "class 7 is out of range"), ("-2", "-1 \\(the prediction\\)"), ("target", "names a column, but the input is image files")):
         with pytest.raises(ValueError, match=why):
             explain_to_parquet(str(saved_model), str(images), str(tmp_path / "no"), classes=_class_option(classes), progress=False)
     assert cli(["explain", "--model", str(saved_model), "--input", str(shard), "--output", str(tmp_path / "no"), "--classes", "nope"]) == 1
