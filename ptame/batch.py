@@ -223,14 +223,19 @@ def _read_and_prepare(
 
 
 def _prepare_chunk(chunk: dict[str, Any], **prepare: Any) -> dict[str, Any]:
-    """Decode stage in front of GPU actors: :func:`_read_and_prepare` packed as one Ray Data row
-    (the pixels of the good images as one float32 buffer)."""
+    """Decode stage in front of GPU actors: :func:`_read_and_prepare` packed as one Ray Data row.
+
+    The pixels of the good images travel as one uint8 buffer (a quarter of float32's object-store
+    traffic): the preprocessed ``[0, 1]`` values rounded to 1/255, so each is within 0.5/255 of what a
+    CPU actor computes (the resize runs in float, so no uint8 image reproduces it exactly; GPU arithmetic
+    differs from the CPU's by more). :func:`_unpack_chunk` restores a letterbox's padding exactly.
+    """
     import numpy as np
 
     ids, items, wanted = _read_and_prepare(chunk, **prepare)
     good = [it.tensor.numpy() for it in items if it.error is None]
     size = int(prepare["preprocessing"]["input_size"])
-    pixels = np.stack(good) if good else np.zeros((0, 3, size, size), np.float32)
+    pixels = np.rint(np.stack(good) * 255) if good else np.zeros((0, 3, size, size))
     return {
         "chunk": chunk["chunk"],
         "image_id": ids,
@@ -240,18 +245,21 @@ def _prepare_chunk(chunk: dict[str, Any], **prepare: Any) -> dict[str, Any]:
         "content": [list(it.content) if it.content else None for it in items],
         "error": [it.error for it in items],
         "classes": [None if c is None else str(c) for c in wanted],  # index or label; None: the prediction
-        "pixels": np.ascontiguousarray(pixels, np.float32).tobytes(),
+        "pixels": np.ascontiguousarray(pixels, np.uint8).tobytes(),
     }
 
 
-def _unpack_chunk(chunk: dict[str, Any], size: int) -> tuple[list[str], list[Any], list[Any]]:
-    """A row of :func:`_prepare_chunk` back as ``(ids, prepared items, wanted classes)``."""
+def _unpack_chunk(chunk: dict[str, Any], prep: Any) -> tuple[list[str], list[Any], list[Any]]:
+    """A row of :func:`_prepare_chunk` back as ``(ids, prepared items, wanted classes)``: the uint8 pixels
+    as float ``[0, 1]`` for the :class:`~ptame.models.Preprocessing` ``prep``, a letterbox padded with its exact mean."""
     import numpy as np
     import torch
 
     from ptame.records import Prepared
 
-    pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float32).reshape(-1, 3, size, size).copy())
+    size = prep.input_size
+    pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.uint8).reshape(-1, 3, size, size).copy()).float() / 255
+    mean = torch.tensor(prep.mean, dtype=torch.float32).view(3, 1, 1)
     items, g = [], 0
     for width, height, box, content, error in zip(
         chunk["width"], chunk["height"], chunk["crop_box"], chunk["content"], chunk["error"]
@@ -260,6 +268,11 @@ def _unpack_chunk(chunk: dict[str, Any], size: int) -> tuple[list[str], list[Any
             items.append(Prepared(None, int(width), int(height), None, error))
             continue
         inside = None if content is None else tuple(int(v) for v in content)
+        if inside is not None:  # the padding is the mean (zero once normalised), not its nearest 1/255
+            left, top, right, bottom = inside
+            image = pixels[g, :, top:bottom, left:right].clone()
+            pixels[g] = mean
+            pixels[g, :, top:bottom, left:right] = image
         crop = tuple(int(v) for v in box)
         items.append(Prepared(pixels[g], int(width), int(height), crop, None, inside))  # type: ignore[arg-type]
         g += 1
@@ -322,7 +335,7 @@ class ChunkExplainer:
         if self.prepare is not None:
             ids, items, wanted = _read_and_prepare(chunk, **self.prepare)
         else:
-            ids, items, wanted = _unpack_chunk(chunk, self.explainer.preprocessing.input_size)
+            ids, items, wanted = _unpack_chunk(chunk, self.explainer.preprocessing)
         classes: list[int | None] = []
         for i, (item, want) in enumerate(zip(items, wanted)):
             try:
@@ -375,6 +388,8 @@ def _actor_layout(
         if gpus == 0:
             raise ValueError("use_gpu was set but the Ray cluster has no GPU; start GPU nodes or drop --use-gpu")
         actors = gpus if concurrency is None else concurrency
+        if actors > gpus:  # an actor that can never be placed would wait for a GPU forever
+            raise ValueError(f"concurrency={actors} GPU explain actors need a GPU each; this cluster has {gpus}")
         if not 1 <= actors < sum(cpus):
             raise ValueError(
                 f"concurrency={actors} GPU explain actors on {sum(cpus)} CPUs leaves no CPU to decode images; "

@@ -530,25 +530,35 @@ def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None
         _actor_layout([{"CPU": 2.0}], 3, False, 100)
 
 
-def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path) -> None:
-    """The row a decode stage sends to GPU actors unpacks to exactly the items a CPU actor makes."""
+@pytest.mark.parametrize("view", ["full", "crop"])
+def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path, view) -> None:
+    """The row a decode stage sends to GPU actors unpacks to the items a CPU actor makes: the same
+    metadata, pixels within 0.5/255 (shipped as uint8), a letterbox's padding exact."""
     from ptame.sources import resolve_source
 
     for i, colour in enumerate(("red", "green", "blue")):
         Image.new("RGB", (80 + 20 * i, 64), colour).save(tmp_path / f"{i}.png")
+    noise = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)  # resized: values between 1/255 steps
+    Image.fromarray(noise).save(tmp_path / "3.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     source = resolve_source(str(tmp_path))
     (chunk,), _, _ = plan_chunks(source, 10)
     prepare = {"filesystem": source.filesystem, "preprocessing": TINY_PREP.to_dict(), "max_pixels": 10**6,
-               "image_column": "image", "id_column": "image_id", "classes": 2, "view": "full"}  # fmt: skip
+               "image_column": "image", "id_column": "image_id", "classes": 2, "view": view}  # fmt: skip
     ids, items, wanted = _read_and_prepare(chunk, **prepare)
-    ids2, items2, wanted2 = _unpack_chunk(_prepare_chunk(chunk, **prepare), TINY_PREP.input_size)
-    assert ids2 == ids == ["0.png", "1.png", "2.png", "broken.jpg"] and wanted2 == ["2"] * 4 and wanted == [2] * 4
-    assert [it.error is None for it in items2] == [it.error is None for it in items] == [True, True, True, False]
+    row = _prepare_chunk(chunk, **prepare)
+    assert len(row["pixels"]) == 4 * 3 * TINY_PREP.input_size**2  # one byte per value: a quarter of float32
+    ids2, items2, wanted2 = _unpack_chunk(row, TINY_PREP)
+    assert ids2 == ids == ["0.png", "1.png", "2.png", "3.png", "broken.jpg"] and wanted2 == ["2"] * 5 and wanted == [2] * 5
+    assert [it.error is None for it in items2] == [it.error is None for it in items] == [True] * 4 + [False]
     for a, b in zip(items, items2):
         assert (a.width, a.height, a.crop_box, a.content, a.error) == (b.width, b.height, b.crop_box, b.content, b.error)
-        assert (a.tensor is None and b.tensor is None) or torch.equal(a.tensor, b.tensor)
-    assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
+        assert (a.tensor is None and b.tensor is None) or (a.tensor - b.tensor).abs().max() <= 0.5 / 255 + 1e-6
+    assert 0.1 / 255 < (items[3].tensor - items2[3].tensor).abs().max()  # the noise is rounded, not shipped exactly
+    if view == "full":
+        assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
+        for a, b in zip(items[:4], items2):  # the padding is the exact mean, as on a CPU actor
+            torch.testing.assert_close(b.tensor[:, : b.content[1]], a.tensor[:, : a.content[1]], rtol=0, atol=0)
 
 
 def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
@@ -559,6 +569,9 @@ def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
         _actor_layout([{"CPU": 16.0}], None, True, 100)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
         _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True, 100)
+    assert _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 2, True, 100) == (2, 2)
+    with pytest.raises(ValueError, match="concurrency=3 GPU explain actors need a GPU each; this cluster has 2"):
+        _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 3, True, 100)  # one could never be placed
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: two Ray nodes and three actors start
