@@ -533,12 +533,12 @@ def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None
 @pytest.mark.parametrize("view", ["full", "crop"])
 def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path, view) -> None:
     """The row a decode stage sends to GPU actors unpacks to the items a CPU actor makes: the same
-    metadata, pixels within 0.5/255 (shipped as uint8), a letterbox's padding exact."""
+    metadata, pixels within float16's rounding (2**-12 in [0, 1]), a letterbox's padding exact."""
     from ptame.sources import resolve_source
 
     for i, colour in enumerate(("red", "green", "blue")):
         Image.new("RGB", (80 + 20 * i, 64), colour).save(tmp_path / f"{i}.png")
-    noise = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)  # resized: values between 1/255 steps
+    noise = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)  # resized: values float16 rounds
     Image.fromarray(noise).save(tmp_path / "3.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     source = resolve_source(str(tmp_path))
@@ -547,14 +547,15 @@ def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tm
                "image_column": "image", "id_column": "image_id", "classes": 2, "view": view}  # fmt: skip
     ids, items, wanted = _read_and_prepare(chunk, **prepare)
     row = _prepare_chunk(chunk, **prepare)
-    assert len(row["pixels"]) == 4 * 3 * TINY_PREP.input_size**2  # one byte per value: a quarter of float32
+    assert len(row["pixels"]) == 4 * 3 * TINY_PREP.input_size**2 * 2  # two bytes per value: half of float32
     ids2, items2, wanted2 = _unpack_chunk(row, TINY_PREP)
     assert ids2 == ids == ["0.png", "1.png", "2.png", "3.png", "broken.jpg"] and wanted2 == ["2"] * 5 and wanted == [2] * 5
     assert [it.error is None for it in items2] == [it.error is None for it in items] == [True] * 4 + [False]
     for a, b in zip(items, items2):
         assert (a.width, a.height, a.crop_box, a.content, a.error) == (b.width, b.height, b.crop_box, b.content, b.error)
-        assert (a.tensor is None and b.tensor is None) or (a.tensor - b.tensor).abs().max() <= 0.5 / 255 + 1e-6
-    assert 0.1 / 255 < (items[3].tensor - items2[3].tensor).abs().max()  # the noise is rounded, not shipped exactly
+        assert (a.tensor is None and b.tensor is None) or (a.tensor - b.tensor).abs().max() <= 2**-12
+        assert b.tensor is None or b.tensor.dtype == torch.float32
+    assert 0 < (items[3].tensor - items2[3].tensor).abs().max()  # the noise is rounded, not shipped exactly
     if view == "full":
         assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
         for a, b in zip(items[:4], items2):  # the padding is the exact mean, as on a CPU actor
