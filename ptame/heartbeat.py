@@ -24,7 +24,9 @@ def format_duration(seconds: float) -> str:
 class Heartbeat:
     """Says where a loop of ``total`` steps is (step, images/s, time left) when its last line is ``every_s`` old.
 
-    ``first_step``: the step the loop starts after (a resumed run); ``clock``: seconds, injectable for tests.
+    Call :meth:`tick` after every step. The speed counts from the first step done, like the regular
+    progress lines (start-up excluded), until then from the start. ``first_step``: the step the loop
+    starts after (a resumed run); ``clock``: seconds, injectable for tests.
     """
 
     def __init__(
@@ -38,19 +40,21 @@ class Heartbeat:
         if every_s <= 0:
             raise ValueError(f"every_s must be > 0, got {every_s}")
         self.total, self.images_per_step, self.every_s, self.clock = total, images_per_step, every_s, clock
-        self._first_step = first_step
         self._start = self._last = clock()
+        self._origin = (first_step, self._start)  # (step, time) the speed counts from
+        self._first: tuple[int, float] | None = None  # the first step done
 
-    def mark(self) -> None:
-        """A regular progress line was just written: the next heartbeat is ``every_s`` from now."""
-        self._last = self.clock()
-
-    def line(self, step: int) -> str | None:
-        """The line to log after ``step``, or ``None`` while the last line is under ``every_s`` old."""
+    def tick(self, step: int, logged: bool = False) -> str | None:
+        """After ``step``: the line to log, or ``None`` while the last line (``logged``: one was just written) is under ``every_s`` old."""
         now = self.clock()
+        self._first = self._first or (step, now)
+        if logged:
+            self._last = now
+            return None
         if now - self._last < self.every_s:
             return None
         self._last = now
-        steps_per_s = (step - self._first_step) / max(now - self._start, 1e-9)
+        origin = self._first if step > self._first[0] else self._origin
+        steps_per_s = (step - origin[0]) / max(now - origin[1], 1e-9)
         left = format_duration((self.total - step) / steps_per_s) if steps_per_s > 0 else "unknown"
         return f"step {step}/{self.total}  {steps_per_s * self.images_per_step:.1f} img/s  {left} left"

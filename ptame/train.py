@@ -867,8 +867,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
                 rate = (step - first_step - 1) * cfg.batch_size * world / max(time.perf_counter() - first_done, 1e-9)
                 logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f deletion %.4f)  lr %.3g  %.1f img/s",
                             step, total, *(terms.get(k, float("nan")) for k in LOSS_TERMS), lr, rate)
-                heartbeat.mark()
-            elif rank == 0 and (line := heartbeat.line(step)):
+            if rank == 0 and (line := heartbeat.tick(step, logged=progress)):
                 logger.info("%s", line)
             if save:
                 report(terms)
