@@ -6,7 +6,8 @@
 #
 # Steps (each time-boxed with `timeout`; a failure or a hang is a FAIL row and the next step runs):
 #   install        pip install -e '.[dev]' (offline-tolerant: falls back to --no-build-isolation --no-deps)
-#   gpu tests      pytest -m gpu (the tests of the GPU-path fixes; they skip without CUDA)
+#   gpu tests      pytest -m gpu (the tests of the GPU-path fixes); FAIL unless every one ran and passed on CUDA
+#                  (they skip without CUDA, so this step fails in a --cpu-dry-run)
 #   bench_explain  benchmarks/bench_explain.py --device cuda: P-TAME vs forward vs Grad-CAM
 #   ptame explain  --use-gpu on 2,000 JPEGs vs a plain GPU loop; images/s, GPU utilisation, decode cores
 #   ptame serve    --use-gpu answering a burst of concurrent requests
@@ -89,8 +90,34 @@ install_step() {
   "$PY" -c "import ptame, torch; print('RESULT: ptame', ptame.__version__, 'from', ptame.__file__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 }
 
-gpu_tests() {
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests
+gpu_tests() {  # passes only if every `gpu` test ran and passed on CUDA: all of them skipped is a failure
+  local xml="$LOGDIR/gpu_tests.xml" rc
+  rm -f "$xml"
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 --junitxml "$xml" tests
+  rc=$?
+  gpu_tests_ran "$xml" && return $rc
+}
+
+gpu_tests_ran() {  # XML: pytest's JUnit report; says how many gpu tests ran, fails unless all of them ran on CUDA
+  "$PY" - "$1" <<'PYEOF'
+import sys
+import xml.etree.ElementTree as ET
+
+import torch
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError) as e:
+    print(f"RESULT: no pytest report ({e}): the gpu tests did not run")
+    sys.exit(1)
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+tests, skipped, failures, errors = (int(suite.get(k, 0)) for k in ("tests", "skipped", "failures", "errors"))
+passed = tests - skipped - failures - errors
+cuda = torch.cuda.is_available()
+print(f"RESULT: {passed} of {tests} gpu tests passed, {skipped} skipped, {failures + errors} failed"
+      + ("" if cuda else "; no CUDA device here, so none of them ran on a GPU"))
+sys.exit(0 if cuda and tests > 0 and passed == tests else 1)
+PYEOF
 }
 
 bench_step() {
@@ -103,7 +130,7 @@ bench_step() {
   grep -E '^\| (explain /|Grad-CAM /)' <<<"$out" | sed 's/^| /RESULT: /; s/ *|$//; s/ *| */ /g'
   return $rc
 }
-export -f install_step gpu_tests bench_step
+export -f install_step gpu_tests gpu_tests_ran bench_step
 
 if ((DRY)) && [[ "${GPU_CHECK_INSTALL:-0}" != 1 ]]; then
   # a dry run must not repoint the machine's editable install at this tree (GPU_CHECK_INSTALL=1 forces it)

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ptame.params import MissingParamError, Params, check_keys, load_params
+from ptame.params import Params, check_keys, load_params
 
 __all__ = ["main", "preprocessing"]
 
@@ -29,8 +29,10 @@ def preprocessing(params: Params):  # -> ptame.models.Preprocessing
 
 
 def main(run) -> None:  # noqa: ANN001 - run(params) -> None
-    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory (unknown keys refused); clean
-    errors, and on Ctrl-C / SIGTERM one line and exit code 130 / 143."""
+    """Run a stage: ``run(params)`` with ``params.yaml`` from the working directory (unknown keys refused); one
+    line for a refusal (a traceback for a bug, :func:`ptame.errors.report_failure`), and on Ctrl-C / SIGTERM one
+    line and exit code 130 / 143."""
+    from ptame.errors import REFUSALS, report_failure
     from ptame.process import exit_code, interrupted_message, stop_on_sigterm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,8 +41,8 @@ def main(run) -> None:  # noqa: ANN001 - run(params) -> None
         params = load_params(Path("params.yaml"))
         check_keys(params)
         run(params)
-    except (MissingParamError, ValueError, FileNotFoundError, LookupError) as e:
-        logger.error("%s", e)
+    except REFUSALS as e:  # one line for a refusal (MissingParamError too); a bug keeps its traceback
+        report_failure(logger, e, roots=[Path(__file__).resolve().parent])
         sys.exit(1)
     except KeyboardInterrupt as e:
         logger.warning("%s", interrupted_message(e))

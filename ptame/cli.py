@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    from ptame.errors import REFUSALS, report_failure
     from ptame.process import exit_code, interrupted_message, stop_on_sigterm
 
     previous = stop_on_sigterm()  # SIGTERM ends a command like Ctrl-C: one line saying how far it got, no traceback
@@ -62,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         logging.getLogger("ptame").warning("%s", interrupted_message(e))
         return exit_code(e)
-    except (ValueError, FileNotFoundError, LookupError) as e:
-        logging.getLogger("ptame").error("%s", e)
+    except REFUSALS as e:  # one line for a refusal; a bug (or -v) keeps its traceback
+        report_failure(logging.getLogger("ptame"), e, verbose=args.verbose)
         return 1
     finally:
         if previous is not None:  # called from Python (a stage, a test): give the caller its handler back

@@ -428,7 +428,7 @@ class Explainer(nn.Module):
     def explain_image(
         self, image: str | Path | bytes | Any, class_: int | str | None = None, view: str = "crop"
     ) -> ImageExplanation:
-        """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default the prediction).
+        """Explain one image (a path, encoded bytes or a PIL image) for ``class_`` (index or label; default or -1: the prediction).
 
         ``view="crop"`` explains the classifier's centre crop; ``view="full"`` the whole image, letterboxed
         (longer side resized, padded with the mean), with a map of the image's aspect ratio. Decodes and

@@ -30,6 +30,7 @@ from ptame.head import minmax_normalize
 from ptame.models import Preprocessing
 
 __all__ = [
+    "PREDICTED",
     "Prepared",
     "content_map",
     "dequantize",
@@ -39,6 +40,10 @@ __all__ = [
     "quantize",
     "resolve_class",
 ]
+
+#: the class ``-1`` stands for each image's predicted class, wherever a class is given (``ptame explain
+#: --classes``, a class column's rows, ``?class=`` of ``ptame serve``, the pyfunc's ``class`` param)
+PREDICTED = -1
 
 
 def quantize(saliency: Tensor | np.ndarray) -> bytes:
@@ -103,15 +108,20 @@ def content_map(saliency: Tensor, content: CropBox | None, size: int) -> Tensor:
     return minmax_normalize(saliency[..., cells(top, bottom, h), cells(left, right, w)])
 
 
-def resolve_class(value: int | str, class_names: Sequence[str]) -> int:
-    """A class given as an index or a label (``"3"``, ``"tabby"``) as an index; ValueError names the choices."""
+def resolve_class(value: int | str, class_names: Sequence[str]) -> int | None:
+    """A class given as an index or a label (``"3"``, ``"tabby"``) as an index, or ``None`` for
+    :data:`PREDICTED` (``-1``: the prediction); ValueError names the choices."""
     if isinstance(value, bool):
         raise TypeError(f"class must be an index or a label, got {value!r}")
     text = str(value).strip()
     if isinstance(value, (int, np.integer)) or text.lstrip("-").isdigit():
         index = int(text)
+        if index == PREDICTED:
+            return None
         if not 0 <= index < len(class_names):
-            raise ValueError(f"class {index} is out of range: this model has classes 0 to {len(class_names) - 1}")
+            raise ValueError(
+                f"class {index} is out of range: this model has classes 0 to {len(class_names) - 1} (-1: the prediction)"
+            )
         return index
     if text in class_names:
         return list(class_names).index(text)

@@ -34,6 +34,7 @@ __all__ = [
     "load_explainer",
     "log_explainer",
     "parse_model_uri",
+    "pip_requirement",
     "pyfunc_signature",
     "relative_sqlite",
     "resolve_version",
@@ -209,30 +210,39 @@ def input_example() -> Any:
     return pd.DataFrame({"image": [buf.getvalue()]})
 
 
-def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int | None, str]:
-    """``(topk, class or None, view)`` from the pyfunc params; a wrong value is a ``ValueError`` naming it."""
+def _pyfunc_options(params: dict[str, Any] | None) -> tuple[int, int, str]:
+    """``(topk, class, view)`` from the pyfunc params (class ``-1``: the prediction); a wrong value is a ``ValueError`` naming it."""
     from ptame.data import check_view
 
     options = {**PYFUNC_PARAMS, **(params or {})}
     topk, chosen, view = int(options["topk"]), int(options["class"]), str(options["view"])
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    return topk, (None if chosen < 0 else chosen), check_view(view)
+    return topk, chosen, check_view(view)
 
 
 def explain_rows(
     explainer: Explainer, images: Any, topk: int = 5, chosen: int | None = None, view: str = "crop"
 ) -> list[dict[str, Any]]:
-    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``);
-    ``view="full"`` maps the whole image (letterboxed) instead of the centre crop."""
+    """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``;
+    ``None`` or ``-1``: the prediction); ``view="full"`` maps the whole image (letterboxed) instead of the centre crop."""
     from ptame.data import check_view
-    from ptame.records import explain_prepared, prepare_image
+    from ptame.records import explain_prepared, prepare_image, resolve_class
 
-    if chosen is not None and not 0 <= chosen < explainer.backbone.num_classes:
-        raise ValueError(f"class must be in [0, {explainer.backbone.num_classes}), got {chosen}")
+    chosen = None if chosen is None else resolve_class(chosen, explainer.class_names)
     check_view(view)
     items = [prepare_image(bytes(b), explainer.preprocessing, view=view) for b in images]
     return explain_prepared(explainer, items, topk=topk, classes=[chosen] * len(items))
+
+
+def pip_requirement() -> str:
+    """``ptame==<version>``: the ptame that logs a model, pinned in its pyfunc environment."""
+    from ptame import __version__
+
+    if __version__ == "0.0.0":  # a source tree that is not installed: no version to pin
+        logger.warning("ptame is not installed, so the pyfunc's requirement is an unpinned 'ptame'")
+        return "ptame"
+    return f"ptame=={__version__}"
 
 
 def _pyfunc_class() -> type:
@@ -294,7 +304,7 @@ def log_explainer(
                 registered_model_name=registered_name,
                 signature=pyfunc_signature(),
                 input_example=(input_example(), {"topk": 3}),
-                pip_requirements=["ptame"],
+                pip_requirements=[pip_requirement()],
             )
     version = str(info.registered_model_version)
     if description:

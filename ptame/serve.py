@@ -180,7 +180,7 @@ class ExplainerServer:
     ) -> dict[str, Any] | tuple[bytes, dict[str, str]]:
         """Decode, explain (batched with concurrent requests) and answer one image.
 
-        ``target``: the class to explain (an index or a label; default the prediction); ``view``:
+        ``target``: the class to explain (an index or a label; default or ``-1``: the prediction); ``view``:
         ``crop`` or ``full`` (the whole image). Answers the JSON dict, or with ``fmt="png"`` the
         overlay PNG and the headers that say what it shows.
         """
@@ -449,7 +449,7 @@ def create_api(server: ExplainerServer) -> "FastAPI":
         topk: int | None = Query(None, ge=1, description="top-k classes to return (default: the server's)"),
         fmt: Literal["json", "png"] = Query("json", alias="format", description="png: the map over the image"),
         target: str | None = Query(
-            None, alias="class", description="class to explain: an index or a label (default: the predicted class)"
+            None, alias="class", description="class to explain: an index or a label (default, or -1: the predicted class)"
         ),
         view: str = Query(
             "crop",

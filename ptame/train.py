@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptame.heartbeat import Heartbeat
 from ptame.losses import LossWeights
 from ptame.models import Preprocessing
 from ptame.precision import check_amp, choose_precision, precision_for
@@ -862,6 +863,7 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
     losses = _LossLog()
     started, first_step = time.perf_counter(), state["step"]
     first_done = started
+    heartbeat = Heartbeat(total, cfg.batch_size * world, first_step)  # a line every ~30 s between progress lines
     while state["epoch"] < cfg.epochs and state["step"] < total:
         # A resumed epoch continues with the batches it still owes (cached: the same ones; streamed:
         # a fresh pass, as Ray Data streams in no fixed order): no step is ever done twice.
@@ -891,6 +893,8 @@ def _train_loop_per_worker(raw: dict[str, Any]) -> dict[str, Any]:
                 rate = (step - first_step - 1) * cfg.batch_size * world / max(time.perf_counter() - first_done, 1e-9)
                 logger.info("step %d/%d  loss %.4f (ce %.4f area %.4f tv %.4f deletion %.4f)  lr %.3g  %.1f img/s",
                             step, total, *(terms.get(k, float("nan")) for k in LOSS_TERMS), lr, rate)
+            if rank == 0 and (line := heartbeat.tick(step, logged=progress)):
+                logger.info("%s", line)
             if save:
                 report(terms)
                 last_reported = step

@@ -273,7 +273,7 @@ def test_parquet_and_path_list_inputs(tmp_path, saved_model, explainer, local_ra
 
 def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, explainer, local_ray) -> None:
     data, bad = mixed_files()
-    good = sorted(k for k in data if k not in bad)[:4]
+    good = sorted(k for k in data if k not in bad)[:5]
     images = write_files(tmp_path / "images", {k: data[k] for k in good})
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -299,16 +299,24 @@ def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, ex
 
     # per row: a Parquet column of indices or labels; null explains the prediction, a class the model lacks is an error row
     shard = tmp_path / "shard.parquet"
-    pq.write_table(pa.table({"image_id": good, "image": [data[k] for k in good], "target": ["1", None, "3", "9"]}), shard)
+    pq.write_table(pa.table({"image_id": good, "image": [data[k] for k in good], "target": ["1", None, "3", "9", "-1"]}), shard)
     run("--input", str(shard), "--output", str(tmp_path / "rows"), "--classes", "target")
     df = read_explanations(str(tmp_path / "rows")).set_index("image_id")
-    for k, target in zip(good[:3], (1, None, 3)):
+    for k, target in zip(good[:3] + good[4:], (1, None, 3, None)):
         check(df.loc[k], data[k], target)
     assert "class 9 is out of range" in df.loc[good[3], "error"]
 
+    # -1 is the prediction, as ?class=-1 of `ptame serve` and the pyfunc's class -1: the default's job
+    assert (_class_option("-1"), _class_option("-x")) == (-1, "-x")
+    run("--input", str(images), "--output", str(tmp_path / "pred"), "--classes", "-1")
+    df = read_explanations(str(tmp_path / "pred")).set_index("image_id")
+    for k in good:
+        check(df.loc[k], data[k], None)
+    assert read_manifest(str(tmp_path / "pred"))["classes"] is None
+
     from ptame.cli import main as cli
 
-    for classes, why in (("7", "class 7 is out of range"), ("target", "names a column, but the input is image files")):
+    for classes, why in (("7", "class 7 is out of range"), ("-2", "-1 \\(the prediction\\)"), ("target", "names a column, but the input is image files")):
         with pytest.raises(ValueError, match=why):
             explain_to_parquet(str(saved_model), str(images), str(tmp_path / "no"), classes=_class_option(classes), progress=False)
     assert cli(["explain", "--model", str(saved_model), "--input", str(shard), "--output", str(tmp_path / "no"), "--classes", "nope"]) == 1
@@ -522,25 +530,36 @@ def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None
         _actor_layout([{"CPU": 2.0}], 3, False, 100)
 
 
-def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path) -> None:
-    """The row a decode stage sends to GPU actors unpacks to exactly the items a CPU actor makes."""
+@pytest.mark.parametrize("view", ["full", "crop"])
+def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tmp_path, view) -> None:
+    """The row a decode stage sends to GPU actors unpacks to the items a CPU actor makes: the same
+    metadata, pixels within float16's rounding (2**-12 in [0, 1]), a letterbox's padding exact."""
     from ptame.sources import resolve_source
 
     for i, colour in enumerate(("red", "green", "blue")):
         Image.new("RGB", (80 + 20 * i, 64), colour).save(tmp_path / f"{i}.png")
+    noise = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)  # resized: values float16 rounds
+    Image.fromarray(noise).save(tmp_path / "3.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     source = resolve_source(str(tmp_path))
     (chunk,), _, _ = plan_chunks(source, 10)
     prepare = {"filesystem": source.filesystem, "preprocessing": TINY_PREP.to_dict(), "max_pixels": 10**6,
-               "image_column": "image", "id_column": "image_id", "classes": 2, "view": "full"}  # fmt: skip
+               "image_column": "image", "id_column": "image_id", "classes": 2, "view": view}  # fmt: skip
     ids, items, wanted = _read_and_prepare(chunk, **prepare)
-    ids2, items2, wanted2 = _unpack_chunk(_prepare_chunk(chunk, **prepare), TINY_PREP.input_size)
-    assert ids2 == ids == ["0.png", "1.png", "2.png", "broken.jpg"] and wanted2 == ["2"] * 4 and wanted == [2] * 4
-    assert [it.error is None for it in items2] == [it.error is None for it in items] == [True, True, True, False]
+    row = _prepare_chunk(chunk, **prepare)
+    assert len(row["pixels"]) == 4 * 3 * TINY_PREP.input_size**2 * 2  # two bytes per value: half of float32
+    ids2, items2, wanted2 = _unpack_chunk(row, TINY_PREP)
+    assert ids2 == ids == ["0.png", "1.png", "2.png", "3.png", "broken.jpg"] and wanted2 == ["2"] * 5 and wanted == [2] * 5
+    assert [it.error is None for it in items2] == [it.error is None for it in items] == [True] * 4 + [False]
     for a, b in zip(items, items2):
         assert (a.width, a.height, a.crop_box, a.content, a.error) == (b.width, b.height, b.crop_box, b.content, b.error)
-        assert (a.tensor is None and b.tensor is None) or torch.equal(a.tensor, b.tensor)
-    assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
+        assert (a.tensor is None and b.tensor is None) or (a.tensor - b.tensor).abs().max() <= 2**-12
+        assert b.tensor is None or b.tensor.dtype == torch.float32
+    assert 0 < (items[3].tensor - items2[3].tensor).abs().max()  # the noise is rounded, not shipped exactly
+    if view == "full":
+        assert items2[1].content == (0, 11, 64, 52)  # 100 x 64 letterboxed into 64 x 64: 64 x 41, 11 rows above
+        for a, b in zip(items[:4], items2):  # the padding is the exact mean, as on a CPU actor
+            torch.testing.assert_close(b.tensor[:, : b.content[1]], a.tensor[:, : a.content[1]], rtol=0, atol=0)
 
 
 def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
@@ -551,6 +570,9 @@ def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
         _actor_layout([{"CPU": 16.0}], None, True, 100)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
         _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True, 100)
+    assert _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 2, True, 100) == (2, 2)
+    with pytest.raises(ValueError, match="concurrency=3 GPU explain actors need a GPU each; this cluster has 2"):
+        _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 3, True, 100)  # one could never be placed
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: two Ray nodes and three actors start

@@ -216,6 +216,7 @@ def test_explain_image_agrees_with_the_bulk_and_serving_rows(tiny_explainer, tmp
     other = (row["pred_class"] + 1) % 4
     chosen = tiny_explainer.explain_image(data, class_=str(other))
     assert (chosen.class_index, chosen.label) == (other, str(other))
+    assert tiny_explainer.explain_image(data, class_=-1).class_index == row["pred_class"]  # -1: the prediction
     with pytest.raises(ValueError, match="out of range"):
         tiny_explainer.explain_image(data, class_=9)
     with pytest.raises(ImageDecodeError):

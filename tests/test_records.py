@@ -65,6 +65,9 @@ def test_resolve_class_takes_an_index_or_a_label() -> None:
     names = ["tabby cat", "Dog", "12", "bird"]
     assert [resolve_class(v, names) for v in (1, "3", " 0 ", "tabby cat", "dog", "BIRD")] == [1, 3, 0, 0, 1, 3]
     assert resolve_class("2", names) == 2  # digits are an index, even where a label looks like one
+    assert resolve_class(-1, names) is None and resolve_class(" -1", names) is None  # -1: the prediction
+    with pytest.raises(ValueError, match=r"class -2 is out of range: this model has classes 0 to 3 \(-1: the prediction\)"):
+        resolve_class("-2", names)
     with pytest.raises(ValueError, match="class 4 is out of range: this model has classes 0 to 3"):
         resolve_class(4, names)
     with pytest.raises(ValueError, match="unknown class 'zebra'.*'tabby cat'"):

@@ -28,6 +28,16 @@ def test_register_and_load_by_alias(tiny_explainer, mlflow_dir) -> None:
     torch.testing.assert_close(loaded.explainer.explain(images).saliency, tiny_explainer.explain(images).saliency)
 
 
+def test_pyfunc_pins_the_ptame_that_logged_it(tiny_explainer, mlflow_dir) -> None:
+    from importlib.metadata import version
+
+    import mlflow
+
+    registry.log_explainer(tiny_explainer, "tiny")
+    requirements = open(mlflow.pyfunc.get_model_dependencies("models:/tiny/1")).read().split()
+    assert f"ptame=={version('ptame')}" in requirements and "ptame" not in requirements
+
+
 def test_unknown_registry_references_say_so(mlflow_dir) -> None:
     with pytest.raises(LookupError, match="not in the registry"):
         registry.load_explainer("models:/nothing@champion")
@@ -281,3 +291,20 @@ def test_pyfunc_view_param_maps_the_whole_image(mlflow_dir) -> None:
     assert torch.equal(torch.from_numpy(dequantize(full["saliency"], full["saliency_shape"]) >= 0.5), red_cells((8, 16)))
     with pytest.raises(MlflowException, match="view must be one of"):
         model.predict(frame, params={"view": "wide"})
+
+
+def test_pyfunc_class_minus_one_is_the_prediction(mlflow_dir) -> None:
+    import mlflow
+    import pandas as pd
+    from conftest import red_explainer, red_scene
+    from mlflow.exceptions import MlflowException
+
+    registry.log_explainer(red_explainer(), "red")
+    model = mlflow.pyfunc.load_model("models:/red/1")
+    frame = pd.DataFrame({"image": [red_scene()]})
+    default, predicted, other = (model.predict(frame, params=p)[0] for p in (None, {"class": -1}, {"class": 1}))
+    assert default["pred_class"] == 3 and predicted["saliency_class"] == default["saliency_class"] == 3
+    assert predicted["saliency"] == default["saliency"] and other["saliency_class"] == 1
+    for bad in (-2, 4):  # -1 alone stands for the prediction, as in `ptame explain` and `ptame serve`
+        with pytest.raises(MlflowException, match=f"class {bad} is out of range"):
+            model.predict(frame, params={"class": bad})

@@ -275,8 +275,10 @@ def test_class_query_chooses_the_map_and_bad_classes_get_400(served, client) -> 
     assert abs(float(r.headers["x-ptame-score"]) - float(want.scores[0, 0])) < 1e-5
     r = client.post("/explain", content=body, params={"format": "png"})
     assert r.headers["x-ptame-class"] == str(expected.pred_class)
+    r = client.post("/explain", content=body, params={"class": "-1"})  # -1: the prediction, as everywhere
+    assert r.status_code == 200 and r.json()["saliency_class"] == expected.pred_class, r.text
 
-    for bad, why in (("4", "class 4 is out of range"), ("-1", "out of range"), ("zebra", "unknown class 'zebra'")):
+    for bad, why in (("4", "class 4 is out of range"), ("-2", "out of range"), ("zebra", "unknown class 'zebra'")):
         r = client.post("/explain", content=body, params={"class": bad})
         assert r.status_code == 400 and why in r.json()["error"], (bad, r.text)
     assert client.get("/healthz").status_code == 200
