@@ -8,15 +8,15 @@ warm-up (start-up seconds are printed separately):
   thread: decode + augment every image every step, a separate auxiliary network
   (``builtin:efficientnet_lite0``), float32.
 - ``plain loop, now``: the current default in one process with all cores: images decoded once and
-  cropped per step, ``auxiliary: backbone`` (one pass gives prediction and features), bf16
-  autocast, the deletion term.
+  cropped per step at ``train.image_size``, ``auxiliary: backbone`` (one pass gives prediction and
+  features), the precision ``amp: auto`` picks on this CPU, the deletion term.
 - ``ptame.train, now``: :func:`ptame.train.train` with the same settings (one Ray Train worker,
   images cached in the worker, torch threads = the node's CPUs), and once more without the
   deletion term (the paper's loss, so the same work per image as ``before``).
 
 Usage::
 
-    python3 benchmarks/bench_train.py                 # EfficientNet-Lite2 at 260 px (the default)
+    python3 benchmarks/bench_train.py                 # EfficientNet-Lite2, crops of params.yaml's train.image_size
     python3 benchmarks/bench_train.py --steps 20      # shorter
 """
 
@@ -33,13 +33,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from ptame.demo import load_photos, train_images  # noqa: E402
 from ptame.losses import LossWeights  # noqa: E402
 from ptame.prepare import encode  # noqa: E402
-from ptame.train import TrainConfig, _build_explainer, _crop_flip, _decode_batch, _resolve_preprocessing, train  # noqa: E402
+from ptame.precision import choose_precision  # noqa: E402
+from ptame.train import TrainConfig, _build_explainer, _crop_flip, _decode_batch, _resolve_preprocessing, _training_preprocessing, train  # noqa: E402
 
 
 def write_data(folder: Path, n: int) -> Path:
@@ -63,8 +65,10 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, cached: bool, threads:
     opt = torch.optim.AdamW(explainer.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     blobs = pq.read_table(cfg.data, columns=["image"]).column("image").to_numpy(zero_copy_only=False)
-    size = cfg.preprocessing["input_size"]
-    decoded = torch.from_numpy(_decode_batch({"image": blobs}, "image", cfg.preprocessing, True)["image"]) if cached else None
+    prep = _training_preprocessing(cfg)
+    size = prep["input_size"]
+    precision = choose_precision(cfg.amp, "cpu")
+    decoded = torch.from_numpy(_decode_batch({"image": blobs}, "image", prep, True)["image"]) if cached else None
     setup = time.perf_counter() - t0
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -75,9 +79,9 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, cached: bool, threads:
         if cached:
             raw = decoded[lo : lo + cfg.batch_size]
         else:
-            raw = torch.from_numpy(_decode_batch({"image": blobs[lo : lo + cfg.batch_size]}, "image", cfg.preprocessing, True)["image"])
+            raw = torch.from_numpy(_decode_batch({"image": blobs[lo : lo + cfg.batch_size]}, "image", prep, True)["image"])
         images = _crop_flip(raw, size, generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+        with precision.autocast("cpu"):
             out = explainer.training_step(images)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -98,30 +102,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput (default 5)")
+    parser.add_argument("--image-size", type=int, default=None, help="training crop size of 'now' (default: params.yaml's train.image_size)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cores = os.cpu_count() or 1
+    image_size = args.image_size or yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("params.yaml").read_text())["train"].get("image_size")
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp, "data"), max(320, args.steps * 16 + 32))
         now = TrainConfig(
             backbone="builtin:efficientnet_lite2", auxiliary="backbone", data=str(data), output_dir=str(Path(tmp, "out")),
-            batch_size=16, max_steps=args.steps, epochs=10, lr=1e-3, amp=True, head_init="cam", log_every=1,
+            batch_size=16, max_steps=args.steps, epochs=10, lr=1e-3, amp="auto", head_init="cam", log_every=1, image_size=image_size,
             loss=asdict(LossWeights(deletion=0.5)), storage_path=str(Path(tmp, "ray_results")),
             checkpoint_every=10_000, resume=False,
         )
         now = replace(now, preprocessing=_resolve_preprocessing(now))
-        before = replace(now, auxiliary="builtin:efficientnet_lite0", amp=False, head_init="random", loss=asdict(LossWeights()))
+        before = replace(now, auxiliary="builtin:efficientnet_lite0", amp=False, head_init="random", loss=asdict(LossWeights()),
+                         image_size=None)
+        chosen = choose_precision("auto", "cpu").name
         runs = {
             "plain loop, before (decode per step, lite0 auxiliary, fp32, 1 thread)":
                 lambda: plain_loop(before, args.steps, args.warmup, cached=False, threads=1),
-            f"plain loop, now (decoded once, auxiliary backbone, bf16, deletion, {cores} threads)":
+            f"plain loop, now (decoded once, auxiliary backbone, {chosen}, deletion, {now.image_size or 'input'} px, {cores} threads)":
                 lambda: plain_loop(now, args.steps, args.warmup, cached=True, threads=cores),
             "ptame.train, now (Ray Train, 1 worker, same settings)": lambda: ray_run(now, args.warmup),
             "ptame.train, now without the deletion term (the paper's loss)":
                 lambda: ray_run(replace(now, loss=asdict(LossWeights())), args.warmup),
         }
         results = {name: run() for name, run in runs.items()}
-    print(f"\nEfficientNet-Lite2 at 260 px, batch 16, {args.steps} steps ({args.warmup} warm-up steps not timed), "
+    print(f"\nEfficientNet-Lite2 (before: 260 px, now: {now.image_size or 260} px), batch 16, {args.steps} steps ({args.warmup} warm-up steps not timed), "
           f"{cores} CPU cores, torch {torch.__version__}")
     base = next(iter(results.values()))[0]
     print("\n| run | images/s | vs plain loop, before | set-up or total s |")
