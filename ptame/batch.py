@@ -671,7 +671,7 @@ def _run_pipeline(
         concurrency, threads = _actor_layout(nodes, concurrency, use_gpu, len(pending))
         logger.info("explaining %d chunks with %d %s actor(s), %d torch thread(s) each", len(pending), concurrency,
                     "GPU" if use_gpu else "CPU", threads)  # fmt: skip
-        from ptame.cluster import driver_node, driver_only, multi_node, on_node, ship_explainer
+        from ptame.cluster import driver_node, driver_only, multi_node, ship_explainer, stage_on_node
 
         fs, root = output_filesystem(output)
         read = {"filesystem": source.filesystem, "image_column": source.image_column, "id_column": source.id_column,
@@ -680,7 +680,7 @@ def _run_pipeline(
         ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), 10_000))
         if driver_only(source.filesystem, source.paths[0]):  # read where the files are, explained anywhere
             logger.info("other nodes do not see %s: its files are read on this node and reach them through Ray", source.paths[0])
-            ds = ds.map(_read_here, fn_kwargs=read, num_cpus=0, concurrency=2, **on_node(driver_node()))
+            ds = ds.map(_read_here, fn_kwargs=read, **stage_on_node(driver_node()))
         elif multi_node():
             prepare["driver"] = driver_node()
         write_here = driver_only(fs, f"{root}/{MANIFEST}")

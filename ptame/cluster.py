@@ -29,8 +29,10 @@ __all__ = [
     "nodes_missing",
     "on_node",
     "refusal",
+    "read_parquet_here",
     "require_shared",
     "ship_explainer",
+    "stage_on_node",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,41 @@ def on_node(node_id: str) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def stage_on_node(node_id: str, tasks: int = 2) -> dict[str, Any]:
+    """Ray Data ``map``/``map_batches`` options: at most ``tasks`` tasks at once, taking no CPU, on ``node_id`` only."""
+    import inspect
+
+    import ray.data
+
+    params = inspect.signature(ray.data.Dataset.map).parameters
+    pool = getattr(ray.data, "TaskPoolStrategy", None)
+    if pool is not None and "size" in inspect.signature(pool).parameters:
+        limit: dict[str, Any] = {"compute": pool(size=tasks)}
+    else:  # Ray < 2.51
+        limit = {"concurrency": tasks}
+    if "label_selector" in params:  # every node carries its id as a label; the strategy is deprecated here
+        return {"num_cpus": 0, "label_selector": {"ray.io/node-id": node_id}, **limit}
+    return {"num_cpus": 0, **on_node(node_id), **limit}
+
+
+def _read_parquet_files(batch: Any, columns: list[str]) -> Any:
+    """The ``columns`` of the Parquet files named in the ``path`` column of ``batch`` (a ``pyarrow.Table``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in batch["path"].to_pylist()])
+
+
+def read_parquet_here(paths: list[str], columns: list[str]) -> Any:
+    """A Ray Data dataset of the ``columns`` of local Parquet files, read on this node (the driver's,
+    which has them) and used anywhere: one block per file."""
+    import ray.data
+
+    items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    return items.map_batches(_read_parquet_files, fn_kwargs={"columns": columns}, batch_size=1,
+                             batch_format="pyarrow", **stage_on_node(driver_node()))  # fmt: skip
 
 
 def _signature(path: str) -> tuple[int, int, bool] | None:

@@ -418,6 +418,10 @@ def train(config: TrainConfig) -> TrainResult:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         init_ray(address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
+        from ptame.cluster import require_shared
+
+        why = "Ray Train writes the checkpoints there from a worker's node and resumes from them"
+        require_shared("train.storage_path", cfg.storage_path, why)
         if cfg.cpus_per_worker is None:
             cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
         return _fit(cfg, name, columns, per_epoch, total, start, cache)
@@ -477,10 +481,15 @@ def _fit(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ptame.cluster import nodes_missing, read_parquet_here
     from ptame.process import quiet_ray_data
 
     quiet_ray_data()  # the workers log ptame's own progress; Ray Train's set-up chatter stays in its log files
-    images = ray.data.read_parquet(cfg.data).select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
+    if nodes_missing(cfg.data):  # only this node has the data: read here, decoded and trained on anywhere
+        images = read_parquet_here([path for path, _, _ in _data_files(cfg.data)], columns)
+    else:
+        images = ray.data.read_parquet(cfg.data)
+    images = images.select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
         _decode_batch,
         fn_kwargs={"image_column": cfg.image_column, "prep": cfg.preprocessing, "augment": cfg.augment},
         batch_size=64,
