@@ -11,6 +11,11 @@ CPU actors decode their own chunks with the CPUs they reserve (one per torch thr
 cross the object store and no Ray worker is started for a chunk. GPU actors (``use_gpu``) are fed by a CPU
 stage that reads, decodes and preprocesses, so that decoding on the CPUs overlaps the GPUs.
 
+On a cluster whose nodes share no disk (:mod:`ptame.cluster`), the explainer reaches the actors as
+the bytes of its files, an input that other nodes do not see is read by a stage pinned to the
+driver's node, and the part files of an output that other nodes do not see are written by the
+driver from what the actors return.
+
 Rows are chunks, not images, so that a chunk is one unit from reading to its file (Ray Data's own
 readers and writers do not keep such units apart, and exactly-once needs them).
 
@@ -187,7 +192,7 @@ def _read_entries(
 ) -> tuple[list[tuple[str, bytes | None, str | None]], list[Any]]:
     """``(entries (id, bytes, error), wanted classes)`` of one chunk, as read by :func:`_read_here` on
     the driver's node, else read here. ``driver``: the driver's node when the input is shared by
-    every node; a file unreadable here but not there fails the chunk (:func:`ptame.cluster.check_unreadable`)."""
+    every node; a file unreadable here is read again there (:func:`ptame.cluster.reread_on_driver`)."""
     from ptame.sources import ImageSource, iter_image_bytes
 
     if "blobs" in chunk:
@@ -196,9 +201,9 @@ def _read_entries(
         source = ImageSource("files", list(chunk["paths"]), list(chunk["ids"]), filesystem)
         entries = list(iter_image_bytes(source))
         if driver is not None and any(e[2] is not None for e in entries):
-            from ptame.cluster import check_unreadable
+            from ptame.cluster import reread_on_driver
 
-            check_unreadable([p for p, e in zip(source.paths, entries) if e[2] is not None], driver)
+            entries = reread_on_driver(entries, source.paths, filesystem, driver)
         return entries, [classes] * len(entries)
     column = classes if isinstance(classes, str) else None
     rows = chunk["rows"] if "rows" in chunk else range(chunk["start"], chunk["stop"])
@@ -327,19 +332,19 @@ class ChunkExplainer:
         if threads:
             torch.set_num_threads(threads)
 
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("use_gpu was set but this actor sees no CUDA device")
         device = "cuda" if use_gpu else "cpu"
-        if shipped is not None:
+        if shipped is not None:  # never a registry lookup on a node without the registry's files
             from ptame.cluster import load_shipped
 
             loaded = load_shipped(shipped, device)
         else:
+            if tracking_uri:
+                import mlflow
+
+                mlflow.set_tracking_uri(tracking_uri)
+                mlflow.set_registry_uri(tracking_uri)
             loaded = load_explainer(model_uri, map_location=device)
         if loaded.model_uri != model_uri:
             raise RuntimeError(f"asked for {model_uri}, the registry gave {loaded.model_uri}")

@@ -224,22 +224,27 @@ def driver_only(filesystem: Any, path: str) -> bool:
     return _is_local(filesystem) and bool(nodes_missing(path))
 
 
-def check_unreadable(paths: list[str], driver: str | None) -> None:
-    """Raise when this node failed to read ``paths`` that the ``driver`` node can read (an error row
-    for them would record as explained an input that was never looked at).
+def _read_files(paths: list[str], ids: list[str], filesystem: Any) -> list[tuple[str, bytes | None, str | None]]:
+    """:func:`ptame.sources.iter_image_bytes` of these files, on the node this runs on."""
+    from ptame.sources import ImageSource, iter_image_bytes
 
-    Raises:
-        RuntimeError: some of ``paths`` exist on the driver's node.
-    """
+    return list(iter_image_bytes(ImageSource("files", paths, ids, filesystem)))
+
+
+def reread_on_driver(
+    entries: list[tuple[str, bytes | None, str | None]], paths: list[str], filesystem: Any, driver: str | None
+) -> list[tuple[str, bytes | None, str | None]]:
+    """``entries`` (read here from ``paths``) with the files this node could not read read again on
+    the ``driver``'s node: a file only some nodes see is explained, never an error row for the others."""
     import ray
 
-    if not paths or driver is None or driver == driver_node():
-        return
-    probe = ray.remote(num_cpus=0, max_retries=0)(_signature)
-    seen = ray.get([probe.options(**on_node(driver)).remote(p) for p in paths], timeout=PROBE_TIMEOUT_S)
-    there = [p for p, sig in zip(paths, seen) if sig is not None]
-    if there:
-        raise RuntimeError(
-            f"{len(there)} input(s) the driver's node has cannot be read on node {driver_node()} (first: {there[0]}); "
-            "the chunk is not recorded: put the input on storage every node reaches, then rerun the same command"
-        )
+    failed = [i for i, e in enumerate(entries) if e[2] is not None]
+    if not failed or driver is None or driver == driver_node():
+        return entries
+    task = ray.remote(num_cpus=0, max_retries=0)(_read_files).options(**on_node(driver))
+    again = ray.get(task.remote([paths[i] for i in failed], [entries[i][0] for i in failed], filesystem), timeout=PROBE_TIMEOUT_S)
+    fixed = list(entries)
+    for i, entry in zip(failed, again):
+        fixed[i] = entry
+    logger.info("%d of %d files unreadable on node %s were read on the driver's", sum(e[2] is None for e in again), len(failed), driver_node())
+    return fixed

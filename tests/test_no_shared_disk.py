@@ -181,18 +181,27 @@ def test_explain_a_driver_folder_into_a_driver_folder_exactly_once(no_shared_dis
 
 
 @pytest.mark.slow  # ~25 s on 2 cores
-def test_explain_a_sqlite_registry_version(no_shared_disk, registry_uri) -> None:
-    """A version in the driver's SQLite registry reaches the actors as files, pinned in every row."""
+def test_explain_a_registry_version_and_a_list_that_is_only_partly_shared(no_shared_disk, registry_uri) -> None:
+    """A version of the driver's SQLite registry reaches the actors as files, pinned in every row; a
+    ``.txt`` list on shared storage whose first file every node sees (so actors read the files
+    themselves) but whose other files only the driver has: those are read again on the driver's node."""
     from ptame.batch import explain_to_parquet
     from ptame.explanations import read_explanations
 
-    files, _, _ = no_shared_disk
-    _images(files / "few", 3)
+    files, shared, _ = no_shared_disk
+    first = _images(shared / "images", 1)
+    rest = _images(files / "few", 3)
+    paths = [str(shared / "images" / n) for n in first] + [str(files / "few" / n) for n in rest]
+    (shared / "list.txt").write_text("\n".join(paths) + "\n")
     out = files / "out-registry"
-    summary = explain_to_parquet("models:/tiny@champion", str(files / "few"), str(out), chunk_size=1,
+    summary = explain_to_parquet("models:/tiny@champion", str(shared / "list.txt"), str(out), chunk_size=1,
                                  concurrency=4, progress=False, tracking_uri=registry_uri)  # fmt: skip
-    assert summary.images == 4 and summary.model_uri == "models:/tiny/1"
-    assert set(read_explanations(str(out))["model_uri"]) == {"models:/tiny/1"}
+    assert summary.images == 6 and summary.model_uri == "models:/tiny/1"
+    df = read_explanations(str(out))
+    assert sorted(df["image_id"]) == sorted(paths) and set(df["model_uri"]) == {"models:/tiny/1"}
+    errors = {i: e for i, e in zip(df["image_id"], df["error"]) if isinstance(e, str)}
+    assert sorted(errors) == sorted(p for p in paths if p.endswith(".txt")), errors
+    assert not any("cannot read" in e for e in errors.values()), errors
 
 
 # ------------------------------------------------------------------------------------ training
