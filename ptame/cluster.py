@@ -5,7 +5,7 @@ A local path is *shared* when every alive node sees the same file there (same si
 modification time; an NFS mount at the same place): such paths are read and written where the
 work runs, as on one machine. Anything else on the driver's disk travels through Ray: a saved
 explainer as the bytes of its files (:func:`ship_explainer`), inputs read by tasks pinned to the
-driver's node (:func:`on_node`), outputs returned to the driver to write. Where that cannot work
+driver's node (:func:`stage_on_node`), outputs returned to the driver to write. Where that cannot work
 (Ray Train's checkpoints), :func:`require_shared` refuses with one line naming the path.
 URIs (``s3://``, ``gs://``, ...) reach every node and are never checked.
 """
@@ -23,14 +23,16 @@ from typing import Any
 
 __all__ = [
     "driver_node",
+    "driver_only",
     "is_uri",
     "load_shipped",
     "multi_node",
     "nodes_missing",
     "on_node",
-    "refusal",
     "read_parquet_here",
+    "refusal",
     "require_shared",
+    "reread_on_driver",
     "ship_explainer",
     "stage_on_node",
 ]

@@ -62,6 +62,25 @@ def _node_sees(node_id: str, path: str) -> bool:
     return ray.get(ray.remote(num_cpus=0)(os.path.exists).options(**on_node(node_id)).remote(path), timeout=60)
 
 
+# ------------------------------------------------------------------------------ without a cluster
+
+
+def test_shipped_explainer_loads_as_the_saved_one_and_one_node_ships_nothing(tmp_path, tiny_explainer) -> None:
+    from ptame.cluster import _tar, load_shipped, nodes_missing, refusal, require_shared, ship_explainer
+
+    saved = tiny_explainer.save(tmp_path / "model")
+    loaded = load_shipped({"files": _tar(saved), "model_uri": str(saved), "version": "3"})
+    assert (loaded.model_uri, loaded.version) == (str(saved), "3")
+    for name, tensor in tiny_explainer.head.state_dict().items():
+        torch.testing.assert_close(loaded.explainer.head.state_dict()[name], tensor)
+    # without Ray, or on one node, every path is everyone's
+    assert ship_explainer(str(saved)) is None and nodes_missing(str(saved)) == []
+    require_shared("train.storage_path", str(tmp_path / "nowhere"), "why")
+    assert not (tmp_path / "nowhere").exists()
+    line = refusal("train.storage_path", "/x", "Ray Train writes there")
+    assert "\n" not in line and line.startswith("train.storage_path '/x' is on this machine's disk") and "s3://" in line
+
+
 @pytest.fixture(scope="module")
 def no_shared_disk(tmp_path_factory):
     """``(driver's files, shared folder, second node's id)`` of a two-node cluster of 2 CPUs per node."""
