@@ -391,6 +391,7 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.perf_counter()
     cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
                   output_dir=str(Path(config.output_dir).expanduser().resolve()))
+    _require_shared_storage(cfg)  # on the caller's cluster: before any images are prepared
     cfg = replace(cfg, data=_training_data(cfg))
     files = _data_files(cfg.data)
     rows, names = _inspect(cfg)
@@ -418,16 +419,21 @@ def train(config: TrainConfig) -> TrainResult:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         init_ray(address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
-        from ptame.cluster import require_shared
-
-        why = "Ray Train writes the checkpoints there from a worker's node and resumes from them"
-        require_shared("train.storage_path", cfg.storage_path, why)
+        _require_shared_storage(cfg)
         if cfg.cpus_per_worker is None:
             cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
         return _fit(cfg, name, columns, per_epoch, total, start, cache)
     finally:
         if started:
             ray.shutdown()
+
+
+def _require_shared_storage(cfg: TrainConfig) -> None:
+    """Refuse a local ``storage_path`` that a node of the connected Ray cluster does not see."""
+    from ptame.cluster import require_shared
+
+    why = "Ray Train writes the checkpoints there from a worker's node and resumes from them"
+    require_shared("train.storage_path", cfg.storage_path, why)
 
 
 def _fits_cache(cfg: TrainConfig, rows: int) -> bool:

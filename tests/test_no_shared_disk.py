@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -245,9 +246,11 @@ def test_training_refuses_a_storage_path_on_the_driver_disk(no_shared_disk) -> N
     from ptame.train import train
 
     files, _, _ = no_shared_disk
+    _images(files / "train-images", 2)  # not Parquet: would be prepared under storage_path
+    cfg = replace(_train_config(files, files / "ray_results"), data=str(files / "train-images"))
     with pytest.raises(ValueError, match=r"^train\.storage_path '.*ray_results' is on this machine's disk, .* checkpoints"):
-        train(_train_config(files, files / "ray_results"))
-    assert not (files / "trained").exists() and list((files / "ray_results").iterdir()) == []
+        train(cfg)
+    assert not (files / "trained").exists() and list((files / "ray_results").iterdir()) == []  # nothing prepared
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: a Ray Train run over both nodes
