@@ -11,6 +11,11 @@ CPU actors decode their own chunks with the CPUs they reserve (one per torch thr
 cross the object store and no Ray worker is started for a chunk. GPU actors (``use_gpu``) are fed by a CPU
 stage that reads, decodes and preprocesses, so that decoding on the CPUs overlaps the GPUs.
 
+On a cluster whose nodes share no disk (:mod:`ptame.cluster`), the explainer reaches the actors as
+the bytes of its files, an input that other nodes do not see is read by a stage pinned to the
+driver's node, and the part files of an output that other nodes do not see are written by the
+driver from what the actors return.
+
 Rows are chunks, not images, so that a chunk is one unit from reading to its file (Ray Data's own
 readers and writers do not keep such units apart, and exactly-once needs them).
 
@@ -177,38 +182,68 @@ def _read_parquet_rows(
     return ids, blobs, wanted
 
 
-def _read_and_prepare(
+def _read_entries(
     chunk: dict[str, Any],
     *,
     filesystem: Any,
-    preprocessing: dict[str, Any],
-    max_pixels: int,
     image_column: str,
     id_column: str,
     classes: int | str | None = None,
-    view: str = "crop",
-) -> tuple[list[str], list[Any], list[Any]]:
-    """Read, decode and preprocess one chunk: ``(ids, prepared items, wanted classes)``; every input
-    yields an item, bad ones an error.
+    driver: str | None = None,
+) -> tuple[list[tuple[str, bytes | None, str | None]], list[Any]]:
+    """``(entries (id, bytes, error), wanted classes)`` of one chunk, as read by :func:`_read_here` on
+    the driver's node, else read here. ``driver``: the driver's node when the input is shared by
+    every node; a file unreadable here is read again there (:func:`ptame.cluster.reread_on_driver`)."""
+    from ptame.sources import ImageSource, iter_image_bytes
 
-    ``classes``: one class for every image (int), or the Parquet column holding each row's class;
+    if "blobs" in chunk:
+        return list(zip(chunk["image_id"], chunk["blobs"], chunk["read_error"])), list(chunk["classes"])
+    if "ids" in chunk:
+        source = ImageSource("files", list(chunk["paths"]), list(chunk["ids"]), filesystem)
+        entries = list(iter_image_bytes(source))
+        if driver is not None and any(e[2] is not None for e in entries):
+            from ptame.cluster import reread_on_driver
+
+            entries = reread_on_driver(entries, source.paths, filesystem, driver)
+        return entries, [classes] * len(entries)
+    column = classes if isinstance(classes, str) else None
+    rows = chunk["rows"] if "rows" in chunk else range(chunk["start"], chunk["stop"])
+    ids, blobs, wanted = _read_parquet_rows(filesystem, chunk["file"], rows, image_column, id_column, column)
+    entries = [(i, b, None if b is not None else "no image bytes (null)") for i, b in zip(ids, blobs)]
+    return entries, wanted if column else [classes] * len(entries)
+
+
+def _read_here(chunk: dict[str, Any], **read: Any) -> dict[str, Any]:
+    """Read stage pinned to the driver's node for an input other nodes do not see: the chunk's bytes as one row."""
+    entries, wanted = _read_entries(chunk, **read)
+    return {
+        "chunk": chunk["chunk"],
+        "image_id": [e[0] for e in entries],
+        "blobs": [e[1] for e in entries],
+        "read_error": [e[2] for e in entries],
+        "classes": [None if c is None else str(c) for c in wanted],
+    }
+
+
+def _read_and_prepare(
+    chunk: dict[str, Any],
+    *,
+    preprocessing: dict[str, Any],
+    max_pixels: int,
+    view: str = "crop",
+    **read: Any,
+) -> tuple[list[str], list[Any], list[Any]]:
+    """Read (:func:`_read_entries`), decode and preprocess one chunk: ``(ids, prepared items, wanted
+    classes)``; every input yields an item, bad ones an error.
+
+    ``read["classes"]``: one class for every image (int), or the Parquet column holding each row's class;
     ``view``: ``crop`` or ``full`` (see :func:`ptame.records.prepare`).
     """
     from ptame.models import Preprocessing
     from ptame.records import Prepared, prepare_image
-    from ptame.sources import ImageSource, iter_image_bytes
 
     prep = Preprocessing.from_dict(preprocessing)
-    if "ids" in chunk:
-        source = ImageSource("files", list(chunk["paths"]), list(chunk["ids"]), filesystem)
-        entries = list(iter_image_bytes(source))
-        wanted: list[Any] = [classes] * len(entries)
-    else:
-        column = classes if isinstance(classes, str) else None
-        rows = chunk["rows"] if "rows" in chunk else range(chunk["start"], chunk["stop"])
-        ids, blobs, wanted = _read_parquet_rows(filesystem, chunk["file"], rows, image_column, id_column, column)
-        entries = [(i, b, None if b is not None else "no image bytes (null)") for i, b in zip(ids, blobs)]
-        wanted = wanted if column else [classes] * len(entries)
+    entries, wanted = _read_entries(chunk, **read)
     items: list[Prepared] = []
     for image_id, data, error in entries:
         if error is not None:
@@ -287,7 +322,10 @@ class ChunkExplainer:
     ``prepare``: the keyword arguments of :func:`_read_and_prepare` when the actor reads and decodes its
     chunks itself (CPU actors); ``None`` when a decode stage before it did (GPU actors). Each chunk
     lands in ``output`` as one Parquet file (:data:`ptame.explanations.SCHEMA`), written atomically
-    by the actor (a separate write stage would start a fresh Ray worker for many of its writes).
+    by the actor (a separate write stage would start a fresh Ray worker for many of its writes); with
+    no ``output`` (a folder other nodes do not see) the file's bytes go back to the driver, which writes
+    them. ``shipped``: the explainer as bytes (:func:`ptame.cluster.ship_explainer`), for actors on
+    nodes that cannot load ``model_uri`` themselves.
     """
 
     def __init__(
@@ -301,6 +339,7 @@ class ChunkExplainer:
         maps: str = "pred",
         prepare: dict[str, Any] | None = None,
         output: str = "",
+        shipped: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -309,14 +348,20 @@ class ChunkExplainer:
         if threads:
             torch.set_num_threads(threads)
 
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("use_gpu was set but this actor sees no CUDA device")
-        loaded = load_explainer(model_uri, map_location="cuda" if use_gpu else "cpu")
+        device = "cuda" if use_gpu else "cpu"
+        if shipped is not None:  # never a registry lookup on a node without the registry's files
+            from ptame.cluster import load_shipped
+
+            loaded = load_shipped(shipped, device)
+        else:
+            if tracking_uri:
+                import mlflow
+
+                mlflow.set_tracking_uri(tracking_uri)
+                mlflow.set_registry_uri(tracking_uri)
+            loaded = load_explainer(model_uri, map_location=device)
         if loaded.model_uri != model_uri:
             raise RuntimeError(f"asked for {model_uri}, the registry gave {loaded.model_uri}")
         self.explainer = loaded.explainer
@@ -356,13 +401,12 @@ class ChunkExplainer:
         table = explanations_table(ids, rows, self.model_uri)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
+        done = {"chunk": chunk["chunk"], "images": len(rows), "errors": sum(r["error"] is not None for r in rows)}
+        if not self.output:
+            return {**done, "table": sink.getvalue().to_pybytes()}
         fs, root = output_filesystem(self.output)
         write_atomically(fs, f"{root}/{chunk_file(chunk['chunk'])}", sink.getvalue().to_pybytes())
-        return {
-            "chunk": chunk["chunk"],
-            "images": len(rows),
-            "errors": sum(r["error"] is not None for r in rows),
-        }
+        return done
 
 
 def _decode_memory(max_pixels: int, chunk_size: int, preprocessing: dict[str, Any], ray: Any) -> int:
@@ -652,16 +696,19 @@ def _run_pipeline(
         concurrency, threads = _actor_layout(nodes, concurrency, use_gpu, len(pending))
         logger.info("explaining %d chunks with %d %s actor(s), %d torch thread(s) each", len(pending), concurrency,
                     "GPU" if use_gpu else "CPU", threads)  # fmt: skip
-        prepare = {
-            "filesystem": source.filesystem,
-            "preprocessing": preprocessing,
-            "max_pixels": max_pixels,
-            "image_column": source.image_column,
-            "id_column": source.id_column,
-            "classes": classes,
-            "view": view,
-        }
+        from ptame.cluster import driver_node, driver_only, multi_node, ship_explainer, stage_on_node
+
+        fs, root = output_filesystem(output)
+        read = {"filesystem": source.filesystem, "image_column": source.image_column, "id_column": source.id_column,
+                "classes": classes}  # fmt: skip
+        prepare = {**read, "preprocessing": preprocessing, "max_pixels": max_pixels, "view": view}
         ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), 10_000))
+        if driver_only(source.filesystem, source.paths[0]):  # read where the files are, explained anywhere
+            logger.info("other nodes do not see %s: its files are read on this node and reach them through Ray", source.paths[0])
+            ds = ds.map(_read_here, fn_kwargs=read, **stage_on_node(driver_node()))
+        elif multi_node():
+            prepare["driver"] = driver_node()
+        write_here = driver_only(fs, f"{root}/{MANIFEST}")
         if use_gpu:
             ds = ds.map(
                 _prepare_chunk,
@@ -682,7 +729,8 @@ def _run_pipeline(
                 "threads": threads,
                 "maps": maps,
                 "prepare": None if use_gpu else prepare,
-                "output": output,
+                "output": "" if write_here else output,  # other nodes do not see it: chunks come back here
+                "shipped": ship_explainer(model_uri, tracking_uri),
             },
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=1 if use_gpu else threads,
@@ -692,6 +740,8 @@ def _run_pipeline(
         total = sum(len(c["ids"]) if "ids" in c else len(c["rows"]) if "rows" in c else c["stop"] - c["start"] for c in pending)
         with tqdm(total=total, unit="img", desc="explain", disable=None if progress else True) as bar:
             for row in ds.iter_rows():
+                if row.get("table") is not None:
+                    write_atomically(fs, f"{root}/{chunk_file(row['chunk'])}", row["table"])
                 images += row["images"]
                 errors += row["errors"]
                 written += 1

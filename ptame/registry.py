@@ -30,6 +30,7 @@ __all__ = [
     "configure",
     "connect",
     "explain_rows",
+    "explainer_files",
     "input_example",
     "load_explainer",
     "log_explainer",
@@ -326,6 +327,13 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
     The returned ``model_uri`` names the exact version (``models:/<name>/<version>``) so that rows
     and answers say which version made them even after the alias moves.
     """
+    directory, origin = explainer_files(ref)
+    return LoadedExplainer(Explainer.load(directory, map_location), **origin)
+
+
+def explainer_files(ref: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The saved explainer directory of ``ref`` on this machine (a registry version downloaded) and
+    where it came from: the :class:`LoadedExplainer` fields other than ``explainer``."""
     import json
 
     text = str(ref)
@@ -333,7 +341,7 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
         path = Path(text)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is neither a saved explainer directory nor a models:/ URI")
-        return LoadedExplainer(Explainer.load(path, map_location), model_uri=str(path.resolve()))
+        return path, {"model_uri": str(path.resolve())}
     import mlflow
     from mlflow import MlflowClient
 
@@ -341,14 +349,15 @@ def load_explainer(ref: str | Path, map_location: str = "cpu") -> LoadedExplaine
     name, version = resolve_version(text)
     _, _, alias = parse_model_uri(text)
     pinned = f"models:/{name}/{version}"
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned))
-    explainer = Explainer.load(local / "artifacts" / EXPLAINER_ARTIFACT, map_location)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned)) / "artifacts" / EXPLAINER_ARTIFACT
     entry = MlflowClient().get_model_version(name, version)
     run_id = entry.run_id
     metrics: dict[str, float] = {}
     if run_id:
         metrics = dict(MlflowClient().get_run(run_id).data.metrics)
-    extra = local / "artifacts" / EXPLAINER_ARTIFACT / "metrics.json"
+    extra = local / "metrics.json"
     if extra.is_file():
         metrics = json.loads(extra.read_text())
-    return LoadedExplainer(explainer, pinned, name=name, version=version, alias=alias, metrics=metrics, description=entry.description or None)
+    origin = {"model_uri": pinned, "name": name, "version": version, "alias": alias, "metrics": metrics,
+              "description": entry.description or None}  # fmt: skip
+    return local, origin

@@ -132,10 +132,17 @@ class ExplainerServer:
             driver's working directory or environment).
         settings: :class:`ServeSettings` as a dict.
         device: ``"cpu"`` or ``"cuda"``.
+        shipped: the explainer as bytes (:func:`ptame.cluster.ship_explainer`), resolved on the driver
+            for replicas on nodes without its files; ``model`` then only names it.
     """
 
     def __init__(
-        self, model: str, tracking_uri: str | None = None, settings: dict[str, Any] | None = None, device: str = "cpu"
+        self,
+        model: str,
+        tracking_uri: str | None = None,
+        settings: dict[str, Any] | None = None,
+        device: str = "cpu",
+        shipped: dict[str, Any] | None = None,
     ) -> None:
         from ray import serve
 
@@ -150,9 +157,14 @@ class ExplainerServer:
 
             if not torch.cuda.is_available():
                 raise RuntimeError("use_gpu was set but this replica sees no CUDA device")
-        if model.startswith("models:/"):
-            _connect_registry(tracking_uri)
-        self.loaded: "LoadedExplainer" = load_explainer(model, map_location=device)
+        if shipped is not None:
+            from ptame.cluster import load_shipped
+
+            self.loaded: "LoadedExplainer" = load_shipped(shipped, device)
+        else:
+            if model.startswith("models:/"):
+                _connect_registry(tracking_uri)
+            self.loaded = load_explainer(model, map_location=device)
         self.num_classes = int(self.loaded.explainer.backbone.num_classes)
         self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="ptame-decode")
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="ptame-explain")
@@ -520,6 +532,7 @@ def build_app(args: dict[str, Any]) -> "Application":
         tracking_uri = _absolute_tracking_uri(tracking_uri)
     else:
         model = str(Path(model).resolve())
+    shipped = _ship(model, tracking_uri)
     deployment = serve.deployment(
         serve.ingress()(ExplainerServer),
         name=DEPLOYMENT_NAME,
@@ -531,7 +544,19 @@ def build_app(args: dict[str, Any]) -> "Application":
         max_surge_percent=100,
         max_constructor_retry_count=3,
     )
-    return deployment.bind(model, tracking_uri, asdict(settings), "cuda" if use_gpu else "cpu")
+    return deployment.bind(model, tracking_uri, asdict(settings), "cuda" if use_gpu else "cpu", shipped)
+
+
+def _ship(model: str, tracking_uri: str | None) -> dict[str, Any] | None:
+    """The explainer as bytes for replicas on other nodes when its files are on this machine only (one
+    node, or a registry server every node reaches: ``None``, each replica loads it)."""
+    from ptame.cluster import multi_node, ship_explainer
+
+    if not multi_node():
+        return None
+    if model.startswith("models:/"):
+        _connect_registry(tracking_uri)
+    return ship_explainer(model, tracking_uri)
 
 
 def deploy(args: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/") -> dict[str, Any]:

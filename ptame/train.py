@@ -402,6 +402,7 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.perf_counter()
     cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
                   output_dir=str(Path(config.output_dir).expanduser().resolve()))
+    _require_shared_storage(cfg)  # on the caller's cluster: before any images are prepared
     cfg = replace(cfg, data=_training_data(cfg))
     files = _data_files(cfg.data)
     rows, names = _inspect(cfg)
@@ -430,6 +431,7 @@ def train(config: TrainConfig) -> TrainResult:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         init_ray(address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
+        _require_shared_storage(cfg)
         if cfg.cpus_per_worker is None:
             cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
         return _fit(cfg, name, columns, per_epoch, total, start, cache)
@@ -452,6 +454,14 @@ def _training_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
         scale = cfg.image_size / prep["input_size"]
         prep.update(input_size=cfg.image_size, resize=max(cfg.image_size, round(prep["resize"] * scale)))
     return prep
+
+
+def _require_shared_storage(cfg: TrainConfig) -> None:
+    """Refuse a local ``storage_path`` that a node of the connected Ray cluster does not see."""
+    from ptame.cluster import require_shared
+
+    why = "Ray Train writes the checkpoints there from a worker's node and resumes from them"
+    require_shared("train.storage_path", cfg.storage_path, why)
 
 
 def _fits_cache(cfg: TrainConfig, rows: int) -> bool:
@@ -505,10 +515,15 @@ def _fit(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ptame.cluster import nodes_missing, read_parquet_here
     from ptame.process import quiet_ray_data
 
     quiet_ray_data()  # the workers log ptame's own progress; Ray Train's set-up chatter stays in its log files
-    images = ray.data.read_parquet(cfg.data).select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
+    if nodes_missing(cfg.data):  # only this node has the data: read here, decoded and trained on anywhere
+        images = read_parquet_here([path for path, _, _ in _data_files(cfg.data)], columns)
+    else:
+        images = ray.data.read_parquet(cfg.data)
+    images = images.select_columns(columns).randomize_block_order(seed=cfg.seed).map_batches(
         _decode_batch,
         fn_kwargs={"image_column": cfg.image_column, "prep": _training_preprocessing(cfg), "augment": cfg.augment},
         batch_size=64,
