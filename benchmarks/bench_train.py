@@ -8,7 +8,7 @@ warm-up (start-up seconds are printed separately):
   thread: decode + augment every image every step, a separate auxiliary network
   (``builtin:efficientnet_lite0``), float32.
 - ``plain loop, now``: the current default in one process with all cores: images decoded once and
-  cropped per step at ``train.image_size``, ``auxiliary: backbone`` (one pass gives prediction and
+  cropped per step at ``train.crop_scale``, ``auxiliary: backbone`` (one pass gives prediction and
   features), the precision ``amp: auto`` picks on this CPU, the deletion term.
 - ``ptame.train, now``: :func:`ptame.train.train` with the same settings (one Ray Train worker,
   images cached in the worker, torch threads = the node's CPUs), and once more without the
@@ -16,7 +16,7 @@ warm-up (start-up seconds are printed separately):
 
 Usage::
 
-    python3 benchmarks/bench_train.py                 # EfficientNet-Lite2, crops of params.yaml's train.image_size
+    python3 benchmarks/bench_train.py                 # EfficientNet-Lite2, crops of params.yaml's train.crop_scale
     python3 benchmarks/bench_train.py --steps 20      # shorter
 """
 
@@ -102,34 +102,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput (default 5)")
-    parser.add_argument("--image-size", type=int, default=None, help="training crop size of 'now' (default: params.yaml's train.image_size)")
+    parser.add_argument("--crop-scale", type=float, default=None, help="training crop scale of 'now' (default: params.yaml's train.crop_scale)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cores = os.cpu_count() or 1
-    image_size = args.image_size or yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("params.yaml").read_text())["train"].get("image_size")
+    crop_scale = args.crop_scale or yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("params.yaml").read_text())["train"].get("crop_scale", 1.0)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp, "data"), max(320, args.steps * 16 + 32))
         now = TrainConfig(
             backbone="builtin:efficientnet_lite2", auxiliary="backbone", data=str(data), output_dir=str(Path(tmp, "out")),
-            batch_size=16, max_steps=args.steps, epochs=10, lr=1e-3, amp="auto", head_init="cam", log_every=1, image_size=image_size,
+            batch_size=16, max_steps=args.steps, epochs=10, lr=1e-3, amp="auto", head_init="cam", log_every=1, crop_scale=crop_scale,
             loss=asdict(LossWeights(deletion=0.5)), storage_path=str(Path(tmp, "ray_results")),
             checkpoint_every=10_000, resume=False,
         )
         now = replace(now, preprocessing=_resolve_preprocessing(now))
         before = replace(now, auxiliary="builtin:efficientnet_lite0", amp=False, head_init="random", loss=asdict(LossWeights()),
-                         image_size=None)
+                         crop_scale=1.0)
         chosen = choose_precision("auto", "cpu").name
         runs = {
             "plain loop, before (decode per step, lite0 auxiliary, fp32, 1 thread)":
                 lambda: plain_loop(before, args.steps, args.warmup, cached=False, threads=1),
-            f"plain loop, now (decoded once, auxiliary backbone, {chosen}, deletion, {now.image_size or 'input'} px, {cores} threads)":
+            f"plain loop, now (decoded once, auxiliary backbone, {chosen}, deletion, crops {now.crop_scale:g} x 260 px, {cores} threads)":
                 lambda: plain_loop(now, args.steps, args.warmup, cached=True, threads=cores),
             "ptame.train, now (Ray Train, 1 worker, same settings)": lambda: ray_run(now, args.warmup),
             "ptame.train, now without the deletion term (the paper's loss)":
                 lambda: ray_run(replace(now, loss=asdict(LossWeights())), args.warmup),
         }
         results = {name: run() for name, run in runs.items()}
-    print(f"\nEfficientNet-Lite2 (before: 260 px, now: {now.image_size or 260} px), batch 16, {args.steps} steps ({args.warmup} warm-up steps not timed), "
+    print(f"\nEfficientNet-Lite2 (before: 260 px, now: {round(260 * now.crop_scale)} px), batch 16, {args.steps} steps ({args.warmup} warm-up steps not timed), "
           f"{cores} CPU cores, torch {torch.__version__}")
     base = next(iter(results.values()))[0]
     print("\n| run | images/s | vs plain loop, before | set-up or total s |")

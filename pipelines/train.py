@@ -25,7 +25,7 @@ SUMMARY = Path("reports/train.json")
 TRAIN_KEYS = (
     "epochs", "max_steps", "batch_size", "augment", "num_workers", "cpus_per_worker", "use_gpu", "amp",
     "storage_path", "run_name", "checkpoint_every", "max_failures", "seed", "ray_address", "log_every",
-    "head_init", "cache_gb", "image_size",
+    "head_init", "cache_gb", "crop_scale",
 )  # fmt: skip
 
 

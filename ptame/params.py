@@ -46,7 +46,7 @@ KNOWN_KEYS: dict[str, Any] = {
         **dict.fromkeys((
             "epochs", "max_steps", "batch_size", "lr", "weight_decay", "head_init", "cam_scale", "augment", "num_workers",
             "cpus_per_worker", "cache_gb", "use_gpu", "amp", "storage_path", "run_name", "checkpoint_every",
-            "max_failures", "seed", "ray_address", "log_every", "image_size",
+            "max_failures", "seed", "ray_address", "log_every", "crop_scale",
         )),
         "loss": dict.fromkeys(f.name for f in fields(LossWeights)),  # whatever the loss accepts
     },

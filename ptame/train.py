@@ -74,9 +74,9 @@ class TrainConfig:
         stages: auxiliary stages to tap (default: strides 4 to 32).
         preprocessing: overrides of the backbone's :class:`Preprocessing` fields (``input_size``,
             ``resize``, ``mean``, ``std``).
-        image_size: side of the training crops (``None``: the backbone's ``input_size``); the
-            images are resized in proportion (``resize * image_size / input_size``), so objects keep
-            their scale relative to the crop. Smaller trains faster; the saved explainer still
+        crop_scale: side of the training crops as a share of the backbone's ``input_size`` (in
+            ``(0, 1]``; 1: the paper); the images are resized in proportion, so objects keep their
+            scale relative to the crop. Smaller trains faster; the saved explainer still
             explains at ``input_size`` (the head is resolution-free: 1x1 convolutions).
         class_names: one name per output of the classifier, stored in the saved explainer so that
             bulk rows, HTTP answers and overlays say them (default: ImageNet names for 1000 outputs).
@@ -130,7 +130,7 @@ class TrainConfig:
     output_dir: str
     stages: list[int] | None = None
     preprocessing: dict | None = None
-    image_size: int | None = None
+    crop_scale: float = 1.0
     class_names: list[str] | None = None
     epochs: int = 1
     max_steps: int | None = None
@@ -177,7 +177,9 @@ class TrainConfig:
             if value < low:
                 raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
         check_amp(self.amp, "TrainConfig.amp")
-        for name in ("max_steps", "fail_at_step", "image_size"):
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"TrainConfig.crop_scale must be in (0, 1] (a share of the input size), got {self.crop_scale}")
+        for name in ("max_steps", "fail_at_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be None or a positive int, got {value!r}")
@@ -448,11 +450,11 @@ def _expected_precision(cfg: TrainConfig) -> str:
 
 
 def _training_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved preprocessing at the training crop size (``image_size``), resize scaled alike."""
+    """The resolved preprocessing at the training crop size (``crop_scale`` x ``input_size``), resize scaled alike."""
     prep = dict(cfg.preprocessing)
-    if cfg.image_size is not None and cfg.image_size != prep["input_size"]:
-        scale = cfg.image_size / prep["input_size"]
-        prep.update(input_size=cfg.image_size, resize=max(cfg.image_size, round(prep["resize"] * scale)))
+    if cfg.crop_scale != 1:
+        side = max(1, round(prep["input_size"] * cfg.crop_scale))
+        prep.update(input_size=side, resize=max(side, round(prep["resize"] * cfg.crop_scale)))
     return prep
 
 

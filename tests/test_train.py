@@ -100,6 +100,19 @@ def test_zero_workers_is_refused_naming_the_field(tmp_path) -> None:
         train({"data": "x"})  # type: ignore[arg-type]
 
 
+def test_crop_scale_shrinks_the_training_crops_only(tmp_path) -> None:
+    from ptame.train import _training_preprocessing
+
+    prep = {"input_size": 260, "resize": 297, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    cfg = replace(tiny_config(tmp_path, tmp_path), preprocessing=prep, crop_scale=0.75)
+    assert _training_preprocessing(cfg) == {**prep, "input_size": 195, "resize": 223}  # 260 x 0.75, 297 x 0.75
+    assert _training_preprocessing(replace(cfg, crop_scale=1.0)) == prep
+    assert cfg.preprocessing == prep  # what the saved explainer explains at
+    for bad in (0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="crop_scale must be in"):
+            replace(cfg, crop_scale=bad)
+
+
 def test_missing_data_is_refused_naming_the_field(tmp_path) -> None:
     ray_before = ray.is_initialized()
     with pytest.raises(FileNotFoundError, match=r"TrainConfig\.data.*does-not-exist"):
