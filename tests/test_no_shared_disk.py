@@ -28,7 +28,7 @@ from ptame.explainer import Explainer
 ray = pytest.importorskip("ray")
 
 #: Ray processes of the test cluster: no token (the second node would need the head's), quiet
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _free_port() -> int:

@@ -207,7 +207,7 @@ def test_class_names_files_are_a_dependency_of_train(tmp_path) -> None:
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert CLASS_NAMES_DIR in stages["train"]["deps"] and (ROOT / CLASS_NAMES_DIR).is_dir()
-    assert "model" in stages["train"]["params"]  # a list of names in params.yaml is a tracked param
+    assert "model.class_names" in stages["train"]["params"]  # a list of names in params.yaml is a tracked param
     for ok in (None, ["cat", "dog"], "classes/birds.txt", "./classes/sub/x.txt"):
         check_class_names_file(ok, tmp_path)
     with pytest.raises(ValueError, match=r"outside classes/.*model.class_names: classes/names.txt"):
