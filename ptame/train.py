@@ -402,6 +402,7 @@ def train(config: TrainConfig) -> TrainResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     start = time.perf_counter()
+    logger.info("precision %s", _expected_precision(config))  # first: a 20x trap must show before anything runs
     cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
                   output_dir=str(Path(config.output_dir).expanduser().resolve()))
     _require_shared_storage(cfg)  # on the caller's cluster: before any images are prepared
@@ -412,9 +413,9 @@ def train(config: TrainConfig) -> TrainResult:
     cfg = replace(cfg, preprocessing=_resolve_preprocessing(cfg))
     name = _run_directory(cfg, files)
     logger.info(
-        "training %s on %d images (%d files): %d workers x batch %d at %d px, %d steps (%d per epoch), precision %s, run %s/%s",
+        "training %s on %d images (%d files): %d workers x batch %d at %d px, %d steps (%d per epoch), run %s/%s",
         cfg.backbone, rows, len(files), cfg.num_workers, cfg.batch_size, _training_preprocessing(cfg)["input_size"],
-        total, per_epoch, _expected_precision(cfg), cfg.storage_path, name,
+        total, per_epoch, cfg.storage_path, name,
     )
     columns = [cfg.image_column] + (["image_id"] if "image_id" in names and cfg.image_column != "image_id" else [])
 

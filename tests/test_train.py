@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,6 +112,16 @@ def test_crop_scale_shrinks_the_training_crops_only(tmp_path) -> None:
     for bad in (0, 1.5, -0.5):
         with pytest.raises(ValueError, match="crop_scale must be in"):
             replace(cfg, crop_scale=bad)
+
+
+def test_the_first_training_log_line_says_the_precision_and_why(tmp_path, caplog) -> None:
+    from ptame.precision import choose_precision
+
+    with caplog.at_level(logging.INFO, logger="ptame.train"), pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path, tmp_path / "does-not-exist"))  # refused right after the first line
+    first = next(r.getMessage() for r in caplog.records if r.name == "ptame.train")
+    assert first == f"precision {choose_precision('auto', 'cpu').describe()}"
+    assert "native bf16" in first
 
 
 def test_missing_data_is_refused_naming_the_field(tmp_path) -> None:
