@@ -19,7 +19,6 @@ DATA = "data/prepared/train"
 OUT = "models/head"
 LOSS_CSV = Path("reports/plots/train_loss.csv")
 LOSS_PNG = Path("reports/plots/train_loss.png")
-LOSS_TERMS = ("loss", "ce", "area", "tv", "deletion")
 SUMMARY = Path("reports/train.json")
 #: ``train`` params passed to TrainConfig as they are (a missing one is named by the error)
 TRAIN_KEYS = (
@@ -32,7 +31,7 @@ TRAIN_KEYS = (
 def run(params) -> None:
     from ptame.models import read_class_names
     from ptame.params import check_class_names_file
-    from ptame.train import TrainConfig, train
+    from ptame.train import LOSS_TERMS, TrainConfig, train
     from ptame.viz import plot_csv
 
     check_class_names_file(params.get("model.class_names", None))  # dvc.yaml tracks classes/ only

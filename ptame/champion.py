@@ -174,10 +174,6 @@ def decide(
     return Decision(promote, f"{head}: {detail}", comparisons)
 
 
-def _mlflow_key(key: str) -> str:
-    return key.replace("@", "_at_")
-
-
 def register_and_promote(
     explainer_dir: str | Path,
     name: str,
@@ -213,7 +209,7 @@ def register_and_promote(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ptame.registry import configure, log_explainer
+    from ptame.registry import configure, log_explainer, metric_key
 
     if method not in metrics:
         raise ValueError(f"metrics have no entry for {method!r} (have {sorted(metrics)})")
@@ -235,7 +231,7 @@ def register_and_promote(
     if current is not None:
         run_metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
         keys = [*HEADLINE, "ROAD-gap"] if measure == HEADLINE_RULE else [measure, "ROAD-LeRF", "ROAD-MoRF"]
-        champion = {k: float(run_metrics[_mlflow_key(k)]) for k in keys if _mlflow_key(k) in run_metrics}
+        champion = {k: float(run_metrics[metric_key(k)]) for k in keys if metric_key(k) in run_metrics}
         before = {
             "version": str(current.version),
             "fingerprint": current.tags.get("eval_fingerprint"),
@@ -243,12 +239,12 @@ def register_and_promote(
         }
     decision = decide(own, champion, fingerprint, before and before["fingerprint"], measure)
 
-    logged = {_mlflow_key(k): v for k, v in own.items()}
+    logged = {metric_key(k): v for k, v in own.items()}
     if measure == "ROAD-gap":
         logged["ROAD-gap"] = value  # type: ignore[assignment]
     for other, values in metrics.items():
         if other != method:
-            logged.update({f"{other}.{_mlflow_key(k)}": float(v) for k, v in values.items()})
+            logged.update({f"{other}.{metric_key(k)}": float(v) for k, v in values.items()})
     run_params = {**dict(params or {}), **({"eval_fingerprint": fingerprint} if fingerprint else {})}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "explainer"

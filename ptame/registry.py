@@ -34,6 +34,7 @@ __all__ = [
     "input_example",
     "load_explainer",
     "log_explainer",
+    "metric_key",
     "parse_model_uri",
     "pip_requirement",
     "pyfunc_signature",
@@ -294,7 +295,7 @@ def log_explainer(
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             if metrics:
-                mlflow.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()})
+                mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()})
             for path in artifacts or []:
                 p = Path(path)
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), "reports")
@@ -316,7 +317,7 @@ def log_explainer(
     return run.info.run_id, version
 
 
-def _metric_key(key: str) -> str:
+def metric_key(key: str) -> str:
     """MLflow metric names allow ``[\\w.\\-/ ]``; ``AD@100`` becomes ``AD_at_100``."""
     return key.replace("@", "_at_")
 
