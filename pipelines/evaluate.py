@@ -35,14 +35,14 @@ def run(params) -> None:
 
     start = time.perf_counter()
     e = params["evaluate"]
-    methods = e["methods"].to_dict()
-    log_precision({m: dict(o or {}) for m, o in methods.items()})
+    methods = {m: dict(o or {}) for m, o in e["methods"].to_dict().items()}
+    log_precision(methods)
     torch.manual_seed(e["seed"])
     explainer = Explainer.load(MODEL)
     evalset = load_eval_set(DATA, explainer.backbone, max_images=e["max_images"], batch_size=e["batch_size"])
     road, boot = e["road"], e["bootstrap"]
     result = evaluate(
-        explainer, evalset, {m: dict(o or {}) for m, o in methods.items()},
+        explainer, evalset, methods,
         percentages=road["percentages"], imputer=road["imputer"], noise_std=float(road["noise_std"]),
         seed=road["seed"], batch_size=e["batch_size"], resamples=int(boot["resamples"]), bootstrap_seed=int(boot["seed"]),
     )  # fmt: skip

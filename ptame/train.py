@@ -434,7 +434,8 @@ def train(config: TrainConfig) -> TrainResult:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         init_ray(address, num_cpus=None if address else _local_cpus(cfg, cache))
     try:
-        _require_shared_storage(cfg)
+        if started:  # a Ray the caller had started was checked before preparing anything
+            _require_shared_storage(cfg)
         if cfg.cpus_per_worker is None:
             cfg = replace(cfg, cpus_per_worker=_cpus_per_worker(cfg, cache))
         return _fit(cfg, name, columns, per_epoch, total, start, cache)

@@ -82,6 +82,17 @@ def test_shipped_explainer_loads_as_the_saved_one_and_one_node_ships_nothing(tmp
     assert "\n" not in line and line.startswith("train.storage_path '/x' is on this machine's disk") and "s3://" in line
 
 
+def _authenticate_as_ray_start() -> None:
+    """Ray's token authentication on (``RAY_AUTH_MODE=token`` in this process, so in both nodes' env)
+    when a token exists (``~/.ray/auth_token``, written by the first local ``ray.init``), as a head's
+    ``ray start`` would decide alone; a joining node and this process would otherwise stay off."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 @pytest.fixture(scope="module")
 def no_shared_disk(tmp_path_factory):
     """``(driver's files, shared folder, second node's id)`` of a two-node cluster of 2 CPUs per node."""
@@ -95,6 +106,7 @@ def no_shared_disk(tmp_path_factory):
     shared = Path(tempfile.mkdtemp(prefix="ptame-nfs-"))
     temp_dir = tempfile.mkdtemp(prefix="ptr-")  # short: Ray's socket paths live under it
     port = _free_port()
+    _authenticate_as_ray_start()  # before env: both nodes and this process then agree on the mode
     env = {**os.environ, **RAY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     common = f"--num-cpus=2 --block --temp-dir={temp_dir} --object-store-memory=200000000 --disable-usage-stats"
     log = open(files / "ray.log", "w")  # noqa: SIM115 - open for the cluster's lifetime
