@@ -34,7 +34,7 @@ def _read(path: Path) -> dict:
 
 def describe(params, metrics: dict) -> str:  # noqa: ANN001 - ptame.params.Params
     """What the version was trained on and its headline metrics (next to Grad-CAM's), in one paragraph."""
-    from ptame.evaluate import HEADLINE
+    from ptame.measures import HEADLINE
 
     train, prepare, saved = _read(TRAIN), _read(PREPARE), _read(Path(MODEL) / "config.json")
     images = f"{prepare['train']} training images" if "train" in prepare else "its training images"

@@ -7,7 +7,7 @@ Otherwise the alias stays where it is and the reason says why (move it by hand w
 ``MlflowClient().set_registered_model_alias`` when a new evaluation set should take over).
 
 Then, with ``decide_by: headline`` (the default), all headline measures decide together
-(:data:`ptame.evaluate.HEADLINE`: AD@100, IC@100, ROAD-MoRF, ROAD-LeRF, GridPG; those the new
+(:data:`ptame.measures.HEADLINE`: AD@100, IC@100, ROAD-MoRF, ROAD-LeRF, GridPG; those the new
 metrics have). The new version is promoted when both hold:
 
 1. it is at least as good as the champion (``<=`` for lower-is-better, ``>=`` otherwise) on a
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ptame.evaluate import HEADLINE, MEASURES
+from ptame.measures import HEADLINE, MEASURES
 
 __all__ = [
     "HEADLINE_RULE",
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: ``decide_by`` value of the all-headline-measures rule
 HEADLINE_RULE = "headline"
 
-#: extra decision measures besides :data:`ptame.evaluate.MEASURES` (higher is better)
+#: extra decision measures besides :data:`ptame.measures.MEASURES` (higher is better)
 _EXTRA = {"ROAD-gap": True}
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ptame.data import CropBox, ImageDecodeError, decode_image, preprocess
 from ptame.explainer import Explainer
+from ptame.measures import HEADLINE, INTERVAL_MEASURES, MEASURES
 from ptame.metrics import average_drop_increase_per_image, grid_pointing_game, road_per_image
 from ptame.models import Classifier
 from ptame.saliency import rise_multi, saliency
@@ -75,25 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: measure -> True when higher is better
-MEASURES: dict[str, bool] = {
-    "AD@100": False,
-    "AD@50": False,
-    "AD@15": False,
-    "IC@100": True,
-    "IC@50": True,
-    "IC@15": True,
-    "ROAD-MoRF": False,
-    "ROAD-LeRF": True,
-    "GridPG": True,
-    "sec_per_image": False,
-}
-
-#: the measures the champion rule decides on (:mod:`ptame.champion`)
-HEADLINE: tuple[str, ...] = ("AD@100", "IC@100", "ROAD-MoRF", "ROAD-LeRF", "GridPG")
-
-#: measures reported with a bootstrap interval (``<measure>_lo``, ``<measure>_hi``)
-INTERVAL_MEASURES: tuple[str, ...] = tuple(m for m in MEASURES if m != "sec_per_image")
 
 
 @dataclass(frozen=True)

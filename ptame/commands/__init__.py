@@ -1,0 +1,1 @@
+"""The command line's subcommands: argument parsing and the one call each makes into the engine."""
