@@ -1,4 +1,4 @@
-"""DVC stage ``prepare``: image source -> Parquet shards in ``data/prepared/{train,eval}``.
+"""DVC stage ``prepare``: image source -> Parquet shards in ``data/prepared/{train,eval,single}``.
 
 ``data.source: demo`` builds the embedded default (photos shipped by scikit-image and
 scikit-learn); anything else is a folder, glob, ``.txt`` list or Parquet dataset (local or URI).
@@ -27,7 +27,7 @@ def run(params) -> None:
         )
         report = prepare_demo(
             OUT, backbone,
-            train_images=demo["train_images"], eval_images=demo["eval_images"],
+            train_images=demo["train_images"], eval_images=demo["eval_images"], single_images=demo["single_images"],
             grid_fraction=demo["grid_fraction"], image_size=demo["image_size"],
             seed=demo["seed"], eval_seed=demo["eval_seed"], min_score=demo["min_score"],
             shard_rows=shard_rows,

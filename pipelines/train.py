@@ -50,7 +50,7 @@ def run(params) -> None:
         lr=float(t["lr"]),  # YAML 1.1 reads "1e-4" as a string
         weight_decay=float(t["weight_decay"]),
         cam_scale=float(t["cam_scale"]),
-        loss={k: v if isinstance(v, str) else float(v) for k, v in t["loss"].to_dict().items()},
+        loss={k: v if isinstance(v, (str, list)) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )
     try:

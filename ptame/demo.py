@@ -4,7 +4,9 @@ Nothing is downloaded. Training images are random square crops of the photos and
 composites of four crops; evaluation images are 2 x 2 grids built from another seed whose four
 cells each hold a photo that the backbone, looking at that cell alone, predicts confidently and
 with a class different from the other three cells. Those cell classes are the ground truth of the
-grid pointing game (Rao et al., CVPR 2022).
+grid pointing game (Rao et al., CVPR 2022). Single evaluation photos (no grid) come from the same
+evaluation seed and are made unlike the training crops: other scales, aspect ratios and sizes,
+mirrored half of the time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from PIL import Image
 from ptame.data import preprocess
 from ptame.models import Classifier
 
-__all__ = ["PHOTOS", "GridCell", "EvalGrid", "cell_candidates", "eval_grids", "grid", "load_photos", "random_crop", "train_images", "write_sample_jpegs"]
+__all__ = ["PHOTOS", "GridCell", "EvalGrid", "cell_candidates", "eval_grids", "grid", "load_photos", "random_crop", "single_photos", "train_images", "write_sample_jpegs"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,49 @@ def eval_grids(
         out.append(
             EvalGrid(f"eval-s{seed}-{i:05d}-grid", grid([c.image for c in cells], size), [c.label for c in cells], [c.photo for c in cells])
         )
+    return out
+
+
+def _single_candidate(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A crop of 30-100 % of the photo's shorter side, aspect 3:4 to 4:3, 224-448 px, mirrored half the time."""
+    w, h = photo.size
+    side = rng.uniform(0.3, 1.0) * min(w, h)
+    aspect = float(np.exp(rng.uniform(np.log(0.75), np.log(4 / 3))))
+    cw, ch = min(w, round(side * aspect**0.5)), min(h, round(side / aspect**0.5))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = photo.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    scale = rng.uniform(224, 448) / max(cw, ch)
+    return crop.resize((max(32, round(cw * scale)), max(32, round(ch * scale))), Image.BICUBIC)
+
+
+def single_photos(
+    photos: dict[str, Image.Image], backbone: Classifier, n: int, seed: int, min_score: float = 0.2, per_photo: int = 24
+) -> list[tuple[str, Image.Image, str]]:
+    """``n`` single photos (no grid) the backbone predicts with probability >= ``min_score``, photos taking turns.
+
+    Candidates are :func:`_single_candidate` crops drawn from ``seed`` (``per_photo`` of each photo);
+    the kept ones are spread over the photos round-robin, so no one photo dominates.
+
+    Returns:
+        ``(image_id, image, photo name)`` triples; fewer than ``n`` only when too few candidates qualify.
+    """
+    rng = np.random.default_rng([seed, 2])
+    names = sorted(photos)
+    candidates = [(name, _single_candidate(photos[name], rng)) for name in names for _ in range(per_photo)]
+    _, scores = _predict(backbone, [im for _, im in candidates])
+    kept: dict[str, list[Image.Image]] = {}
+    for (name, image), score in zip(candidates, scores):
+        if score >= min_score:
+            kept.setdefault(name, []).append(image)
+    out: list[tuple[str, Image.Image, str]] = []
+    for turn in range(per_photo):
+        for name in names:
+            if len(out) < n and turn < len(kept.get(name, [])):
+                out.append((f"single-s{seed}-{len(out):05d}-{name}", kept[name][turn], name))
+    logger.info("%d single evaluation photos from %d photos (%d candidates predicted with p >= %.2f)",
+                len(out), len(kept), sum(map(len, kept.values())), min_score)  # fmt: skip
     return out
 
 

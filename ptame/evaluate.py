@@ -55,7 +55,7 @@ from ptame.explainer import Explainer
 from ptame.measures import HEADLINE, INTERVAL_MEASURES, MEASURES
 from ptame.metrics import average_drop_increase_per_image, grid_pointing_game, road_per_image
 from ptame.models import Classifier
-from ptame.saliency import rise_multi, saliency
+from ptame.saliency import EXPLAINER_METHODS, rise_multi, saliency
 
 __all__ = [
     "HEADLINE",
@@ -115,11 +115,14 @@ class Evaluation:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None = None, batch_size: int = 16) -> EvalSet:
+def load_eval_set(
+    path: str | Path, backbone: Classifier, max_images: int | None = None, batch_size: int = 16, allow_empty: bool = False
+) -> EvalSet:
     """Decode and preprocess the prepared evaluation shards at ``path`` (see :mod:`ptame.prepare`).
 
     Rows whose image does not decode are logged and left out. When every kept row has
-    ``grid_classes``, they are returned for the grid pointing game.
+    ``grid_classes``, they are returned for the grid pointing game. ``allow_empty``: no readable
+    row gives an empty set instead of an error.
     """
     from ptame.prepare import read_prepared
 
@@ -141,6 +144,8 @@ def load_eval_set(path: str | Path, backbone: Classifier, max_images: int | None
         boxes.append(box)
         cells.append(row["grid_classes"])
     if not ids:
+        if allow_empty:
+            return EvalSet([], torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), [], [])
         raise ValueError(f"no readable evaluation image in {path}; check the prepare stage's report")
     images = torch.stack(tensors)
     with torch.inference_mode():
@@ -239,7 +244,7 @@ def _maps(
     b, k = classes.shape
     if method == "rise":
         return rise_multi(explainer.backbone, images, classes, **options)
-    model: Explainer | Classifier = explainer if method == "ptame" else explainer.backbone
+    model: Explainer | Classifier = explainer if method in EXPLAINER_METHODS else explainer.backbone
     flat = saliency(method, model, images.repeat_interleave(k, 0), classes.reshape(-1), **options)
     return flat.view(b, k, *flat.shape[-2:])
 
@@ -340,12 +345,7 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     total = len(evalset.image_ids)
-    limits: dict[str, int] = {}
-    for name, options in methods.items():
-        limit = options.get("max_images")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"methods[{name!r}].max_images must be a positive integer or None, got {limit!r}")
-        limits[name] = total if limit is None else min(limit, total)
+    limits = _limits(methods, total)
     settings = {
         "methods": {m: dict(o) for m, o in methods.items()},
         "images": total,
@@ -353,39 +353,21 @@ def evaluate(
         "bootstrap": {"resamples": int(resamples), "seed": int(bootstrap_seed), "level": 0.95},
     }
     result = Evaluation(fingerprint=fingerprint(evalset, settings), settings=settings)
-    classifier = explainer.backbone
     seconds_per_image: dict[str, float] = {}
-    for name in (bar := tqdm(list(methods), desc="evaluate", disable=None)):
+    start = time.perf_counter()
+    for i, name in enumerate(bar := tqdm(list(methods), desc="evaluate", disable=None)):
         bar.set_postfix(method=name)
+        logger.info("method %d/%d %s on %d images (%.0f s so far)", i + 1, len(methods), name, limits[name], time.perf_counter() - start)
         options = {k: v for k, v in methods[name].items() if k != "max_images"}
-        n = limits[name]
-        images, targets = evalset.images[:n], evalset.targets[:n]
-        classes = targets[:, None]
-        if evalset.grid_classes is not None:
-            classes = torch.cat([classes, evalset.grid_classes[:n]], 1)
-        maps, seconds = _batched_maps(name, explainer, images, classes, options, batch_size)
-        maps = maps.clamp(0, 1)
-        scores = {k: v.numpy() for k, v in average_drop_increase_per_image(classifier, images, maps[:, 0], targets, batch_size=batch_size).items()}
-        road_scores = road_per_image(classifier, images, maps[:, 0], targets, percentages, noise_std, seed, batch_size, imputer)  # type: ignore[arg-type]
-        scores.update({k: v.numpy() for k, v in road_scores.items()})
-        if evalset.grid_classes is not None:
-            cell_maps = maps[:, 1:5].reshape(n * 4, *maps.shape[-2:])
-            cells = torch.arange(4).repeat(n)
-            scores["GridPG"] = grid_pointing_game(cell_maps, cells).double().view(n, 4).mean(1).numpy()
-        seconds_per_image[name] = seconds / n
+        scores, maps, seconds = _score_method(name, explainer, evalset, limits[name], options, percentages, noise_std, seed, imputer, batch_size)
+        seconds_per_image[name] = seconds / limits[name]
         result.per_image[name] = scores
-        result.maps[name] = maps[:, 0]
+        result.maps[name] = maps
         result.curves[name] = {
             order: {p: float(np.mean(scores[f"ROAD-{order}@{p}"])) for p in sorted(percentages)} for order in ("MoRF", "LeRF")
         }
     if subsets:
-        for limited, n in sorted(limits.items()):
-            if n >= total:
-                continue
-            for other, m in limits.items():
-                if other != limited and m > n:
-                    result.per_image[f"{other}@{limited}"] = {k: v[:n] for k, v in result.per_image[other].items()}
-                    seconds_per_image[f"{other}@{limited}"] = seconds_per_image[other]
+        _add_subsets(result, limits, seconds_per_image, total)
     for name, scores in result.per_image.items():
         wanted = {k: v for k, v in scores.items() if k in INTERVAL_MEASURES}
         intervals = bootstrap_intervals(wanted, resamples, bootstrap_seed)
@@ -394,6 +376,50 @@ def evaluate(
         logger.info("%s: %s", name, shown)
     result.differences = paired_differences(result.per_image, "ptame", resamples, bootstrap_seed)
     return result
+
+
+def _limits(methods: Mapping[str, Mapping[str, Any]], total: int) -> dict[str, int]:
+    """How many of the first images each method is scored on (its ``max_images``, else all)."""
+    limits: dict[str, int] = {}
+    for name, options in methods.items():
+        limit = options.get("max_images")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"methods[{name!r}].max_images must be a positive integer or None, got {limit!r}")
+        limits[name] = total if limit is None else min(limit, total)
+    return limits
+
+
+def _score_method(
+    name: str, explainer: Explainer, evalset: EvalSet, n: int, options: Mapping[str, Any],
+    percentages: Sequence[int], noise_std: float, seed: int, imputer: str, batch_size: int,
+) -> tuple[dict[str, np.ndarray], Tensor, float]:  # fmt: skip
+    """One method's per-image scores on the first ``n`` images, its maps of the explained class, and the seconds they cost."""
+    classifier = explainer.backbone
+    images, targets = evalset.images[:n], evalset.targets[:n]
+    classes = targets[:, None]
+    if evalset.grid_classes is not None:
+        classes = torch.cat([classes, evalset.grid_classes[:n]], 1)
+    maps, seconds = _batched_maps(name, explainer, images, classes, options, batch_size)
+    maps = maps.clamp(0, 1)
+    scores = {k: v.numpy() for k, v in average_drop_increase_per_image(classifier, images, maps[:, 0], targets, batch_size=batch_size).items()}
+    road_scores = road_per_image(classifier, images, maps[:, 0], targets, percentages, noise_std, seed, batch_size, imputer)  # type: ignore[arg-type]
+    scores.update({k: v.numpy() for k, v in road_scores.items()})
+    if evalset.grid_classes is not None:
+        cell_maps = maps[:, 1:5].reshape(n * 4, *maps.shape[-2:])
+        cells = torch.arange(4).repeat(n)
+        scores["GridPG"] = grid_pointing_game(cell_maps, cells).double().view(n, 4).mean(1).numpy()
+    return scores, maps[:, 0], seconds
+
+
+def _add_subsets(result: Evaluation, limits: Mapping[str, int], seconds_per_image: dict[str, float], total: int) -> None:
+    """Every method scored on more images, again on each limited method's images: ``"<method>@<limited>"``."""
+    for limited, n in sorted(limits.items()):
+        if n >= total:
+            continue
+        for other, m in limits.items():
+            if other != limited and m > n:
+                result.per_image[f"{other}@{limited}"] = {k: v[:n] for k, v in result.per_image[other].items()}
+                seconds_per_image[f"{other}@{limited}"] = seconds_per_image[other]
 
 
 def write_road_plots(curves: Mapping[str, Mapping[str, Mapping[int, float]]], out_dir: str | Path) -> list[Path]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptame.head import AttentionHead, minmax_normalize, smooth_maps, upsample_to
-from ptame.losses import LossWeights, ptame_loss
+from ptame.losses import LossWeights, ptame_loss, share_masks
 from ptame.models import (
     BACKBONE_AUX,
     BackboneTaps,
@@ -258,6 +258,19 @@ class Explainer(nn.Module):
             self.head.fuser.weight[:, offset:, 0, 0] = scale * weight.to(self.head.fuser.weight)
             self.head.stages[-1].bn.weight.zero_()
 
+    def starting_point(self, cam_scale: float = 0.5) -> Explainer:
+        """This explainer before training: a fresh head started as the CAM (``head_init: cam``), the same map settings.
+
+        Shares the backbone and auxiliary (no copy); the evaluation's ``cam`` peer, which tells
+        what the training adds.
+        """
+        start = Explainer(
+            self.backbone, self.auxiliary, AttentionHead(self.head.channels, self.head.num_classes), self.loss_weights,
+            self.smoothing, self.cam_weight, self.activity_weight,
+        )  # fmt: skip
+        start.init_head_from_classifier(cam_scale)
+        return start.to(next(self.head.parameters()).device)
+
     def set_maps(self, smoothing: float = 0.0, cam_weight: float = 0.0, activity_weight: float = 0.0) -> None:
         """Set the explain-time map settings (see the class docstring); training never reads them."""
         if not smoothing >= 0:
@@ -327,7 +340,8 @@ class Explainer(nn.Module):
 
         The map of each image's predicted class masks the image (kept pixels stay, the rest become
         the fill); with a ``deletion`` weight the complement (the map's region removed) is also
-        classified (Dabkowski & Gal, 2017).
+        classified (Dabkowski & Gal, 2017). ``keep_shares`` / ``delete_shares`` make some images'
+        masks the map's top share instead (:func:`~ptame.losses.share_masks`).
 
         Args:
             images: ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -350,14 +364,22 @@ class Explainer(nn.Module):
             maps = torch.sigmoid(self.head(features))  # (B, K, h, w)
             batch_maps = maps[:, targets]
             masks = maps[rows, targets]
-        masks = F.interpolate(masks[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        w = self.loss_weights
         fill = self._fill(images)
+
+        def upsample(share: Tensor) -> Tensor:
+            return F.interpolate(share[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
 
         def remove(share: Tensor) -> Tensor:  # black fill needs no extra tensor in the hot path
             return images * (1 - share) if fill is None else images * (1 - share) + fill * share
 
-        masked_logits = self.backbone(remove(1 - masks))
-        deleted_logits = self.backbone(remove(masks)) if self.loss_weights.deletion > 0 else None
+        keep = share_masks(masks, w.keep_shares, w.share_sharpness)
+        kept = upsample(keep)
+        masked_logits = self.backbone(remove(1 - kept))
+        deleted_logits = None
+        if w.deletion > 0:
+            delete = share_masks(masks, w.delete_shares, w.share_sharpness)
+            deleted_logits = self.backbone(remove(kept if delete is keep else upsample(delete)))
         return ptame_loss(masked_logits, targets, batch_maps, self.loss_weights, deleted_logits)
 
     def _resolve_classes(self, probs: Tensor, classes: Tensor | Sequence[int] | int | None, topk: int) -> Tensor:

@@ -7,12 +7,14 @@ sufficient; its weight is 0 in the paper's setting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FILLS", "LossWeights", "area_loss", "deletion_loss", "tv_loss", "ptame_loss"]
+__all__ = ["FILLS", "LossWeights", "area_loss", "deletion_loss", "share_masks", "tv_loss", "ptame_loss"]
 
 FILLS = ("black", "blur")
 
@@ -25,6 +27,13 @@ class LossWeights:
         deletion: weight of ``mean(p(t | image with the map's region removed) ** deletion_power)``.
         fill: what removed pixels become while training: ``"black"`` (the paper) or ``"blur"``
             (a heavily blurred copy of the image, closer to what ROAD's imputation makes).
+        keep_shares: the masks that keep pixels, cycled over a batch's images: ``1`` the map itself
+            (the paper), ``s < 1`` a soft mask of the map's top share ``s`` of pixels, so that the
+            top of the map alone must keep the class (what AD@15 asks).
+        delete_shares: alike for the deletion term: ``s < 1`` removes the map's top share ``s``
+            (what ROAD's MoRF@10 asks: the top tenth must be essential).
+        share_sharpness: the soft top-share mask is ``sigmoid(sharpness * (M - q) / (max M - min M))``
+            around the share's quantile ``q`` of each map.
     """
 
     ce: float = 0.1614
@@ -36,8 +45,18 @@ class LossWeights:
     deletion: float = 0.0
     deletion_power: float = 0.3
     fill: str = "black"
+    keep_shares: Sequence[float] = (1.0,)
+    delete_shares: Sequence[float] = (1.0,)
+    share_sharpness: float = 20.0
 
     def __post_init__(self) -> None:
+        for name in ("keep_shares", "delete_shares"):
+            shares = tuple(float(s) for s in getattr(self, name))
+            if not shares or not all(0.0 < s <= 1.0 for s in shares):
+                raise ValueError(f"loss {name!r} must be a non-empty list of shares in (0, 1], got {list(shares)}")
+            object.__setattr__(self, name, shares)
+        if not self.share_sharpness > 0:
+            raise ValueError(f"share_sharpness must be > 0, got {self.share_sharpness}")
         if self.fill not in FILLS:
             raise ValueError(f"loss fill must be one of {FILLS}, got {self.fill!r}")
         for name in ("ce", "area", "tv", "tv_border", "deletion"):
@@ -46,6 +65,25 @@ class LossWeights:
         for name in ("area_power", "tv_power", "deletion_power"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name!r} must be > 0, got {getattr(self, name)}")
+
+
+def share_masks(maps: Tensor, shares: Sequence[float], sharpness: float = 20.0) -> Tensor:
+    """Image ``i``'s map ``(B, h, w)`` as a soft mask of its top share ``shares[i % len(shares)]`` of pixels.
+
+    A share of 1 keeps the map itself. The threshold is the map's own quantile (no gradient); the
+    gradient reaches the pixels around it, which is where the ranking is decided.
+    """
+    b = maps.shape[0]
+    share = torch.tensor([shares[i % len(shares)] for i in range(b)], device=maps.device, dtype=maps.dtype)
+    if bool((share >= 1).all()):
+        return maps
+    flat = maps.flatten(1)
+    ordered = flat.detach().sort(dim=1, descending=True).values
+    k = ((share * flat.shape[1]).ceil().long() - 1).clamp(0, flat.shape[1] - 1)
+    threshold = ordered.gather(1, k[:, None])
+    spread = (ordered[:, :1] - ordered[:, -1:]).clamp_min(1e-6)
+    soft = torch.sigmoid(sharpness * (flat - threshold) / spread).view_as(maps)
+    return torch.where((share >= 1).view(b, 1, 1), maps, soft)
 
 
 def area_loss(maps: Tensor, power: float = 0.3, offset: float = 0.0005) -> Tensor:

@@ -18,6 +18,7 @@ MEASURES: dict[str, bool] = {
     "IC@15": True,
     "ROAD-MoRF": False,
     "ROAD-LeRF": True,
+    "ROAD-MoRF@10": False,
     "GridPG": True,
     "sec_per_image": False,
 }

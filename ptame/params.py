@@ -40,7 +40,7 @@ KNOWN_KEYS: dict[str, Any] = {
               "smoothing": None, "cam_weight": None, "activity_weight": None},
     "data": {
         "source": None, "eval_fraction": None, "split_seed": None, "max_images": None, "shard_rows": None,
-        "demo": dict.fromkeys(("train_images", "grid_fraction", "eval_images", "image_size", "seed", "eval_seed", "min_score")),
+        "demo": dict.fromkeys(("train_images", "grid_fraction", "eval_images", "single_images", "image_size", "seed", "eval_seed", "min_score")),
     },
     "train": {
         **dict.fromkeys((

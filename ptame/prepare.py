@@ -1,6 +1,7 @@
 """Image source -> Parquet shards (the ``prepare`` stage).
 
-Output: ``<out>/train/part-*.parquet`` and ``<out>/eval/part-*.parquet``, one row per image with
+Output: ``<out>/train/part-*.parquet``, ``<out>/eval/part-*.parquet`` and ``<out>/single/part-*.parquet``
+(the embedded default's single evaluation photos; empty for a user's images), one row per image with
 the columns of :data:`SCHEMA` (``image_id``, encoded ``image`` bytes, ``split``, ``source``,
 ``width``, ``height``, ``label``, ``grid_classes``). Every input is decoded once: a corrupt,
 truncated, empty or non-image file is logged with its reason, counted in the report and left out,
@@ -48,6 +49,7 @@ class PrepareReport:
 
     train: int = 0
     eval: int = 0
+    single: int = 0
     skipped: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     source: str = ""
@@ -134,6 +136,7 @@ def prepare_demo(
     backbone: Any,
     train_images: int = 384,
     eval_images: int = 16,
+    single_images: int = 0,
     grid_fraction: float = 0.5,
     image_size: int = 320,
     seed: int = 0,
@@ -142,10 +145,11 @@ def prepare_demo(
     shard_rows: int = 256,
     photos: list[str] | None = None,
 ) -> PrepareReport:
-    """Write the embedded default (see :mod:`ptame.demo`): training crops and grids, evaluation grids.
+    """Write the embedded default (see :mod:`ptame.demo`): training crops and grids, evaluation grids and single photos.
 
     Args:
-        backbone: the :class:`~ptame.models.Classifier` that labels the evaluation cells.
+        backbone: the :class:`~ptame.models.Classifier` that labels the evaluation cells and picks the single photos.
+        single_images: single evaluation photos (no grid), from ``eval_seed``.
         seed / eval_seed: must differ, so no evaluation composite is ever seen in training.
     """
     from tqdm.auto import tqdm
@@ -170,8 +174,11 @@ def prepare_demo(
         for g in grids
     )
     n_eval = write_shards(eval_rows, out / "eval", shard_rows)
-    logger.info("prepared %d training and %d evaluation images in %s", n_train, n_eval, out)
-    return PrepareReport(train=n_train, eval=n_eval, source="demo")
+    singles = demo.single_photos(pics, backbone, single_images, eval_seed, min_score) if single_images else []
+    single_rows = (_row(i, encode(im, "PNG"), "single", f"demo:{name}", im.size, None, None) for i, im, name in singles)
+    n_single = write_shards(single_rows, out / "single", shard_rows)
+    logger.info("prepared %d training, %d evaluation grid and %d single evaluation images in %s", n_train, n_eval, n_single, out)
+    return PrepareReport(train=n_train, eval=n_eval, single=n_single, source="demo")
 
 
 def _row(
@@ -230,6 +237,7 @@ def prepare_source(
     out = Path(out_dir)
     items: Iterator[tuple[str, bytes | None, str | None]] = iter_image_bytes(source)
     total = len(source) if source.kind == "files" else None
+    write_shards([], out / "single", shard_rows)  # single photos are the embedded default's; a user's are all in eval
     with ShardWriter(out / "train", shard_rows) as train, ShardWriter(out / "eval", shard_rows) as evals:
         for image_id, data, error in tqdm(items, total=total, desc="prepare", disable=None):
             if max_images is not None and report.train + report.eval >= max_images:

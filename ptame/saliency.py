@@ -1,6 +1,7 @@
 """One interface for P-TAME and its peers: ``saliency(method, model, images, classes)``.
 
-Every method returns ``(B, h, w)`` non-negative maps of the requested classes, so that
+``cam`` is P-TAME's own untrained starting point (the backbone's class activation map as the head,
+the same map settings, no training): the peer that says what the training adds. Every method returns ``(B, h, w)`` non-negative maps of the requested classes, so that
 :mod:`ptame.metrics` scores all of them with the same code. Grad-CAM, Grad-CAM++ and Score-CAM come
 from the ``grad-cam`` package; RISE (Petsiuk et al., BMVC 2018) is implemented here, batched.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -22,7 +24,7 @@ from ptame.head import minmax_normalize
 from ptame.models import Classifier, probe_input
 from ptame.precision import choose_precision
 
-__all__ = ["METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
+__all__ = ["EXPLAINER_METHODS", "METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,23 @@ def _ptame(model: Explainer | Classifier, images: Tensor, classes: Tensor, **_: 
     if not isinstance(model, Explainer):
         raise TypeError("the 'ptame' method needs a trained Explainer, not a bare classifier")
     return model.explain(images, classes=classes[:, None]).saliency[:, 0]
+
+
+#: methods that need the :class:`Explainer`, not only its backbone
+EXPLAINER_METHODS = ("ptame", "cam")
+
+_STARTING_POINTS: weakref.WeakKeyDictionary[Explainer, tuple[float, Explainer]] = weakref.WeakKeyDictionary()
+
+
+@register_method("cam")
+def _cam(model: Explainer | Classifier, images: Tensor, classes: Tensor, cam_scale: float = 0.5, **_: Any) -> Tensor:
+    if not isinstance(model, Explainer):
+        raise TypeError("the 'cam' method is an explainer's starting point: it needs an Explainer, not a bare classifier")
+    scale, start = _STARTING_POINTS.get(model, (None, None))
+    if start is None or scale != cam_scale:
+        start = model.starting_point(cam_scale)
+        _STARTING_POINTS[model] = (cam_scale, start)
+    return start.explain(images, classes=classes[:, None]).saliency[:, 0]
 
 
 def find_target_layer(model: nn.Module, input_size: int = 224) -> tuple[str, nn.Module]:

@@ -26,10 +26,10 @@ def _tiny_params() -> dict:
     """The repository's params.yaml shrunk: EfficientNet-Lite0 at 64 px, a few steps, RISE N=16."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"].update(backbone="builtin:efficientnet_lite0", preprocessing={"input_size": 64, "resize": 64})
-    params["data"]["demo"].update(train_images=16, eval_images=2, image_size=128, min_score=0.05)
+    params["data"]["demo"].update(train_images=16, eval_images=2, single_images=2, image_size=128, min_score=0.05)
     params["train"].update(max_steps=3, batch_size=4, checkpoint_every=2, lr=1e-3)
     params["evaluate"].update(max_images=2, batch_size=4)
-    params["evaluate"]["methods"]["rise"].update(num_masks=16, max_images=1, batch_size=16)
+    params["evaluate"]["methods"]["rise"] = {"num_masks": 16, "max_images": 1, "batch_size": 16}  # opt-in: the subsets
     params["evaluate"]["gallery"]["images"] = 1
     params["register"]["name"] = "tiny-ptame"
     params["explain"].update(batch_size=4, concurrency=1)
@@ -73,7 +73,7 @@ def test_dvc_repro_end_to_end(repro) -> None:
         assert f"Running stage '{stage}'" in proc.stdout
 
     # every stage's outs exist
-    assert sorted(p.name for p in (project / "data/prepared").iterdir()) == ["eval", "train"]
+    assert sorted(p.name for p in (project / "data/prepared").iterdir()) == ["eval", "single", "train"]
     for folder in ("models/head", "models/explainer"):
         assert {"config.json", "head.safetensors"} <= {p.name for p in (project / folder).iterdir()}
     saved = json.loads((project / "models/explainer/config.json").read_text())
@@ -82,32 +82,40 @@ def test_dvc_repro_end_to_end(repro) -> None:
         wanted[k] for k in ("smoothing", "cam_weight", "activity_weight")]  # the maps stage applied them
     assert saved["extra"]["train"]["steps"] == 3  # and kept what training recorded
     for path in ("reports/prepare.json", "reports/train.json", "reports/plots/train_loss.csv", "reports/plots/road_morf.csv",
-                 "reports/plots/road_lerf.csv", "reports/gallery/gallery.png", "reports/registered.json"):
+                 "reports/plots/road_lerf.csv", "reports/plots/road_morf_single.csv", "reports/gallery/gallery.png",
+                 "reports/registered.json", "reports/per_image.parquet"):
         assert (project / path).is_file(), path
     for name in ("train_loss", "road_morf", "road_lerf"):  # the curves as PNGs: `dvc plots show` draws them offline
         with Image.open(project / f"reports/plots/{name}.png") as im:
             assert im.format == "PNG" and im.size[0] >= 300, name
 
     prepared = json.loads((project / "reports/prepare.json").read_text())
-    assert (prepared["train"], prepared["eval"], prepared["skipped"]) == (16, 2, 0)
+    assert (prepared["train"], prepared["eval"], prepared["single"], prepared["skipped"]) == (16, 2, 2, 0)
     trained = json.loads((project / "reports/train.json").read_text())
     assert trained["steps"] == 3
     assert (project / "reports/plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,ce,area,tv,deletion,lr"
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics) == {"ptame", "gradcam", "rise", "ptame@rise", "gradcam@rise"}
+    grids = {"ptame", "cam", "gradcam", "rise", "ptame@rise", "cam@rise", "gradcam@rise"}
+    assert set(metrics) == grids | {f"{m}/single" for m in grids}  # the single photos: their own table
     for method, values in metrics.items():
-        assert set(MEASURE_KEYS) <= set(values) and values["GridPG_lo"] <= values["GridPG"] <= values["GridPG_hi"], method
-        assert 0.0 <= values["GridPG"] <= 1.0 and 0.0 <= values["ROAD-MoRF"] <= 1.0
+        assert set(MEASURE_KEYS) - {"GridPG"} <= set(values) and values["AD@15_lo"] <= values["AD@15"] <= values["AD@15_hi"], method
+        assert 0.0 <= values["ROAD-MoRF"] <= 1.0 and ("GridPG" in values) == ("/" not in method), method
     assert metrics["rise"]["images"] == 1.0 and metrics["ptame"]["images"] == 2.0 and metrics["ptame@rise"]["n"] == 1
+    assert metrics["ptame/single"]["n"] == 2
     differences = json.loads((project / "reports/differences.json").read_text())
-    assert set(differences) == {"ptame - gradcam", "ptame - rise"}
-    for peer, mine in (("gradcam", "ptame"), ("rise", "ptame@rise")):
-        d = differences[f"ptame - {peer}"]
-        for key in ("AD@100", "ROAD-LeRF", "GridPG"):
-            assert d[key] == pytest.approx(metrics[mine][key] - metrics[peer][key])
+    pairs = ("ptame - cam", "ptame - gradcam", "ptame - rise")
+    assert set(differences) == {*pairs, *(f"ptame/single - {p.split(' - ')[1]}/single" for p in pairs)}
+    for peer, mine, suffix in (("gradcam", "ptame", ""), ("rise", "ptame@rise", ""), ("cam", "ptame", "/single")):
+        d = differences[f"ptame{suffix} - {peer}{suffix}"]
+        for key in ("AD@100", "ROAD-LeRF", "ROAD-MoRF@10") + (("GridPG",) if not suffix else ()):
+            assert d[key] == pytest.approx(metrics[mine + suffix][key] - metrics[peer + suffix][key])
             assert d[f"{key}_lo"] - 1e-9 <= d[key] <= d[f"{key}_hi"] + 1e-9
-        assert d["n"] == metrics[peer]["n"]
+        assert d["n"] == metrics[peer + suffix]["n"]
+    per_image = pq.read_table(project / "reports/per_image.parquet").to_pylist()
+    assert len(per_image) == 2 * (2 * 3 + 1)  # two sets: 2 images x (ptame, cam, gradcam) + RISE's 1
+    row = next(r for r in per_image if (r["set"], r["method"]) == ("single", "cam"))
+    assert row["image_id"].startswith("single-") and row["GridPG"] is None
 
     # registered, promoted (first version), and the champion gives the same maps as the trained explainer
     record = json.loads((project / "reports/registered.json").read_text())
