@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from ptame.batch import explain_to_parquet
+from ptame.data import prepare_image
 from ptame.demo import write_sample_jpegs
 from ptame.explainer import Explainer
 from ptame.explanations import explanations_table
 from ptame.process import init_ray
-from ptame.records import explain_prepared, prepare_image
+from ptame.records import explain_prepared
 
 
 def plain_loop(explainer: Explainer, paths: list[Path], batch_size: int, topk: int, threads: int) -> dict[str, float]:

@@ -32,9 +32,10 @@ import httpx
 import numpy as np
 import torch
 
+from ptame.data import prepare_image
 from ptame.demo import write_sample_jpegs
 from ptame.explainer import Explainer
-from ptame.records import explain_prepared, prepare_image
+from ptame.records import explain_prepared
 
 BACKBONE, AUXILIARY = "builtin:efficientnet_lite2", "builtin:efficientnet_lite0"
 

@@ -29,7 +29,7 @@ TRAIN_KEYS = (
 
 
 def run(params) -> None:
-    from ptame.models import read_class_names
+    from ptame.classes import read_class_names
     from ptame.params import check_class_names_file
     from ptame.train import LOSS_TERMS, TrainConfig, train
     from ptame.viz import plot_csv

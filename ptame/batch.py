@@ -239,8 +239,8 @@ def _read_and_prepare(
     ``read["classes"]``: one class for every image (int), or the Parquet column holding each row's class;
     ``view``: ``crop`` or ``full`` (see :func:`ptame.records.prepare`).
     """
+    from ptame.data import Prepared, prepare_image
     from ptame.models import Preprocessing
-    from ptame.records import Prepared, prepare_image
 
     prep = Preprocessing.from_dict(preprocessing)
     entries, wanted = _read_entries(chunk, **read)
@@ -292,7 +292,7 @@ def _unpack_chunk(chunk: dict[str, Any], prep: Any) -> tuple[list[str], list[Any
     import numpy as np
     import torch
 
-    from ptame.records import Prepared
+    from ptame.data import Prepared
 
     size = prep.input_size
     pixels = torch.from_numpy(np.frombuffer(chunk["pixels"], np.float16).reshape(-1, 3, size, size).astype(np.float32))
@@ -376,8 +376,10 @@ class ChunkExplainer:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from ptame.classes import resolve_class
+        from ptame.data import Prepared
         from ptame.explanations import explanations_table
-        from ptame.records import Prepared, explain_prepared, resolve_class
+        from ptame.records import explain_prepared
 
         if self.prepare is not None:
             ids, items, wanted = _read_and_prepare(chunk, **self.prepare)
@@ -566,9 +568,9 @@ def explain_to_parquet(
     _check_classes(classes)
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
+    from ptame.classes import PREDICTED, resolve_class
     from ptame.data import check_view
     from ptame.explanations import read_manifest
-    from ptame.records import PREDICTED, resolve_class
     from ptame.registry import load_explainer
     from ptame.sources import resolve_source
 

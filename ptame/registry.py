@@ -228,8 +228,9 @@ def explain_rows(
 ) -> list[dict[str, Any]]:
     """Rows for encoded ``images``; with ``chosen`` the ``saliency`` is that class's map (``saliency_class``;
     ``None`` or ``-1``: the prediction); ``view="full"`` maps the whole image (letterboxed) instead of the centre crop."""
-    from ptame.data import check_view
-    from ptame.records import explain_prepared, prepare_image, resolve_class
+    from ptame.classes import resolve_class
+    from ptame.data import check_view, prepare_image
+    from ptame.records import explain_prepared
 
     chosen = None if chosen is None else resolve_class(chosen, explainer.class_names)
     check_view(view)

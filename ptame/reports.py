@@ -116,7 +116,7 @@ def combined_fingerprint(results: Mapping[str, Evaluation]) -> str:
 
 def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequence[str]) -> list[int | None] | None:
     """Each input's class to explain (``None``: the prediction): one class for all, or a Parquet column's values."""
-    from ptame.records import resolve_class
+    from ptame.classes import resolve_class
 
     if classes is None:
         return None

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from ptame.explainer import Explainer, check_images
 from ptame.head import minmax_normalize
-from ptame.models import Classifier, probe_input
+from ptame.models import Classifier
 from ptame.precision import choose_precision
+from ptame.taps import probe_input
 
 __all__ = ["EXPLAINER_METHODS", "METHODS", "SaliencyMethod", "find_target_layer", "register_method", "rise", "rise_masks", "rise_multi", "saliency"]
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve import Application
 
-    from ptame.records import Prepared
+    from ptame.data import Prepared
     from ptame.registry import LoadedExplainer
 
 __all__ = [
@@ -217,7 +217,7 @@ class ExplainerServer:
         return self._answer(row)
 
     def _resolve_target(self, target: str | None) -> int | None:
-        from ptame.records import resolve_class
+        from ptame.classes import resolve_class
 
         if target is None:
             return None
@@ -227,8 +227,7 @@ class ExplainerServer:
             raise RequestError(400, str(e)) from None
 
     def _decode(self, body: bytes, view: str = "crop") -> tuple[Image.Image, "Prepared"]:
-        from ptame.data import ImageDecodeError, decode_image
-        from ptame.records import prepare
+        from ptame.data import ImageDecodeError, decode_image, prepare
 
         try:
             image = decode_image(body, max_pixels=self.settings.max_pixels)

@@ -26,7 +26,7 @@ from ptame.batch import _actor_layout, _class_option, _prepare_chunk, _read_and_
 from ptame.jobs import chunk_file, plan_chunks
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
-from ptame.records import prepare_image
+from ptame.data import prepare_image
 
 QUANT = 0.5 / 255 + 1e-4  # maps are stored as uint8; batched and single forward passes agree to ~1e-6
 

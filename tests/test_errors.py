@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ptame.classes import resolve_class
 from ptame.errors import is_refusal
-from ptame.records import dequantize, resolve_class
+from ptame.records import dequantize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -198,8 +198,8 @@ def test_explain_image_agrees_with_the_bulk_and_serving_rows(tiny_explainer, tmp
     import numpy as np
     from PIL import Image
 
-    from ptame.data import ImageDecodeError
-    from ptame.records import dequantize, explain_prepared, prepare_image
+    from ptame.data import ImageDecodeError, prepare_image
+    from ptame.records import dequantize, explain_prepared
 
     rng = np.random.default_rng(0)
     exif = Image.Exif()

@@ -94,7 +94,7 @@ def test_class_names_of_your_own_classifier_travel_with_the_saved_explainer(tmp_
     from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP
 
     from ptame.explainer import Explainer
-    from ptame.models import read_class_names
+    from ptame.classes import read_class_names
 
     listing = tmp_path / "classes.txt"
     listing.write_text("red square\ngreen square\n blue square \nnothing\n\n")

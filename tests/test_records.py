@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ptame.records import dequantize, explain_prepared, prepare_image, quantize
+from ptame.data import prepare_image
+from ptame.records import dequantize, explain_prepared, quantize
 
 
 def test_quantise_round_trip_within_half_a_step() -> None:
@@ -60,7 +61,7 @@ def test_explain_prepared_reads_the_gpu_once_per_batch_not_per_row(tiny_explaine
 
 
 def test_resolve_class_takes_an_index_or_a_label() -> None:
-    from ptame.records import resolve_class
+    from ptame.classes import resolve_class
 
     names = ["tabby cat", "Dog", "12", "bird"]
     assert [resolve_class(v, names) for v in (1, "3", " 0 ", "tabby cat", "dog", "BIRD")] == [1, 3, 0, 0, 1, 3]

@@ -260,7 +260,7 @@ def _post_image(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def _prepared(body: bytes, explainer) -> torch.Tensor:  # noqa: ANN001 - Explainer
-    from ptame.records import prepare_image
+    from ptame.data import prepare_image
 
     return prepare_image(body, explainer.preprocessing).tensor[None]
 

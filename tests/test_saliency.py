@@ -3,7 +3,7 @@ import torch
 
 from conftest import assert_maps, dilate
 from ptame.metrics import pointing_hit
-from ptame.models import probe_input
+from ptame.taps import probe_input
 from ptame.saliency import METHODS, find_target_layer, rise_masks, saliency
 from ptame.testing import object_scenes
 

@@ -32,9 +32,9 @@ from PIL import Image
 
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_scene
 from ptame import registry
-from ptame.data import decode_image
+from ptame.data import decode_image, prepare_image
 from ptame.explainer import Explainer
-from ptame.records import dequantize, explain_prepared, prepare_image, quantize
+from ptame.records import dequantize, explain_prepared, quantize
 
 NAME = "tiny"
 V1, V2 = f"models:/{NAME}/1", f"models:/{NAME}/2"
