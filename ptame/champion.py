@@ -207,64 +207,20 @@ def register_and_promote(
         ``fingerprint``, ``champion_before`` and ``tracking_uri``.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from ptame.registry import configure, log_explainer, metric_key
+    from ptame.registry import configure
 
-    if method not in metrics:
-        raise ValueError(f"metrics have no entry for {method!r} (have {sorted(metrics)})")
-    if measure != HEADLINE_RULE:
-        higher_is_better(measure)
-    own = {k: float(v) for k, v in metrics[method].items()}
-    value = None if measure == HEADLINE_RULE else _value(own, measure)
-    if measure != HEADLINE_RULE and value is None:
-        raise ValueError(f"the decision measure {measure!r} is not in the metrics (have {sorted(own)})")
+    own, value = _own_metrics(metrics, method, measure)
     uri = configure(tracking_uri, experiment)
     client = MlflowClient()
-
-    before: dict[str, Any] | None = None
-    champion: dict[str, float] | None = None
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None:
-        run_metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
-        keys = [*HEADLINE, "ROAD-gap"] if measure == HEADLINE_RULE else [measure, "ROAD-LeRF", "ROAD-MoRF"]
-        champion = {k: float(run_metrics[metric_key(k)]) for k in keys if metric_key(k) in run_metrics}
-        before = {
-            "version": str(current.version),
-            "fingerprint": current.tags.get("eval_fingerprint"),
-            **({"values": {k: champion[k] for k in HEADLINE if k in champion}} if measure == HEADLINE_RULE else {"value": _value(champion, measure)}),
-        }
+    before, champion = _current_champion(client, name, alias, measure)
     decision = decide(own, champion, fingerprint, before and before["fingerprint"], measure)
-
-    logged = {metric_key(k): v for k, v in own.items()}
-    if measure == "ROAD-gap":
-        logged["ROAD-gap"] = value  # type: ignore[assignment]
-    for other, values in metrics.items():
-        if other != method:
-            logged.update({f"{other}.{metric_key(k)}": float(v) for k, v in values.items()})
     run_params = {**dict(params or {}), **({"eval_fingerprint": fingerprint} if fingerprint else {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "explainer"
-        shutil.copytree(explainer_dir, bundle)
-        (bundle / "metrics.json").write_text(json.dumps(own, indent=2))  # read back by load_explainer
-        run_id, version = log_explainer(
-            bundle, name, metrics=logged, params=run_params, artifacts=list(artifacts), description=description
-        )
-
-    client.set_model_version_tag(name, version, "decided_by", measure)
-    client.set_model_version_tag(name, version, "decision_reason", decision.reason[:5000])
-    if fingerprint is not None:
-        client.set_model_version_tag(name, version, "eval_fingerprint", fingerprint)
-    if value is not None:
-        client.set_model_version_tag(name, version, measure, f"{value:.6g}")
-    if decision.promote:
-        client.set_registered_model_alias(name, alias, version)
-        logger.info("%s version %s is the new %s: %s", name, version, alias, decision.reason)
-    else:
-        logger.info("%s version %s registered; %s stays at version %s: %s", name, version, alias, before and before["version"], decision.reason)
+    run_id, version = _log_version(
+        explainer_dir, name, own, _logged_metrics(metrics, method, own, measure, value), run_params, artifacts, description
+    )
+    _tag_version(client, name, version, measure, value, fingerprint, decision)
+    _move_alias(client, name, version, alias, decision, before)
     return {
         "name": name,
         "version": version,
@@ -283,3 +239,104 @@ def register_and_promote(
         "champion_before": before,
         "tracking_uri": uri,
     }
+
+
+def _own_metrics(
+    metrics: Mapping[str, Mapping[str, float]], method: str, measure: str
+) -> tuple[dict[str, float], float | None]:
+    """The explainer's own metrics and its ``measure`` value (``None`` for the headline rule); refuses
+    metrics that cannot decide."""
+    if method not in metrics:
+        raise ValueError(f"metrics have no entry for {method!r} (have {sorted(metrics)})")
+    if measure != HEADLINE_RULE:
+        higher_is_better(measure)
+    own = {k: float(v) for k, v in metrics[method].items()}
+    value = None if measure == HEADLINE_RULE else _value(own, measure)
+    if measure != HEADLINE_RULE and value is None:
+        raise ValueError(f"the decision measure {measure!r} is not in the metrics (have {sorted(own)})")
+    return own, value
+
+
+def _current_champion(
+    client: Any, name: str, alias: str, measure: str
+) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
+    """What ``alias`` points to now (``champion_before`` of the record) and its decision metrics;
+    ``(None, None)`` when no version holds it."""
+    from mlflow.exceptions import MlflowException
+
+    from ptame.registry import metric_key
+
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None, None
+    run_metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
+    keys = [*HEADLINE, "ROAD-gap"] if measure == HEADLINE_RULE else [measure, "ROAD-LeRF", "ROAD-MoRF"]
+    champion = {k: float(run_metrics[metric_key(k)]) for k in keys if metric_key(k) in run_metrics}
+    before = {
+        "version": str(current.version),
+        "fingerprint": current.tags.get("eval_fingerprint"),
+        **({"values": {k: champion[k] for k in HEADLINE if k in champion}} if measure == HEADLINE_RULE else {"value": _value(champion, measure)}),
+    }
+    return before, champion
+
+
+def _logged_metrics(
+    metrics: Mapping[str, Mapping[str, float]], method: str, own: Mapping[str, float], measure: str, value: float | None
+) -> dict[str, float]:
+    """The run's metrics: the explainer's own unprefixed (and a derived ``ROAD-gap``), the others' as
+    ``<method>.<measure>``."""
+    from ptame.registry import metric_key
+
+    logged = {metric_key(k): v for k, v in own.items()}
+    if measure == "ROAD-gap":
+        logged["ROAD-gap"] = value  # type: ignore[assignment]
+    for other, values in metrics.items():
+        if other != method:
+            logged.update({f"{other}.{metric_key(k)}": float(v) for k, v in values.items()})
+    return logged
+
+
+def _log_version(
+    explainer_dir: str | Path,
+    name: str,
+    own: Mapping[str, float],
+    logged: dict[str, float],
+    params: dict[str, Any],
+    artifacts: Sequence[str | Path],
+    description: str | None,
+) -> tuple[str, str]:
+    """Log a copy of the saved explainer with its own metrics beside it as a new version of ``name``;
+    returns ``(run_id, version)``."""
+    from ptame.registry import log_explainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "explainer"
+        shutil.copytree(explainer_dir, bundle)
+        (bundle / "metrics.json").write_text(json.dumps(own, indent=2))  # read back by load_explainer
+        return log_explainer(
+            bundle, name, metrics=logged, params=params, artifacts=list(artifacts), description=description
+        )
+
+
+def _tag_version(
+    client: Any, name: str, version: str, measure: str, value: float | None, fingerprint: str | None, decision: Decision
+) -> None:
+    """Tag the version with the rule, the decision's reason, the fingerprint and the ``measure`` value."""
+    client.set_model_version_tag(name, version, "decided_by", measure)
+    client.set_model_version_tag(name, version, "decision_reason", decision.reason[:5000])
+    if fingerprint is not None:
+        client.set_model_version_tag(name, version, "eval_fingerprint", fingerprint)
+    if value is not None:
+        client.set_model_version_tag(name, version, measure, f"{value:.6g}")
+
+
+def _move_alias(
+    client: Any, name: str, version: str, alias: str, decision: Decision, before: dict[str, Any] | None
+) -> None:
+    """Point ``alias`` at ``version`` when the decision promotes it; log either way."""
+    if decision.promote:
+        client.set_registered_model_alias(name, alias, version)
+        logger.info("%s version %s is the new %s: %s", name, version, alias, decision.reason)
+    else:
+        logger.info("%s version %s registered; %s stays at version %s: %s", name, version, alias, before and before["version"], decision.reason)

@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("ptame.batch", "bulk-explain images into Parquet with Ray Data (resumable)"),
     "show": ("ptame.show", "render saliency overlays from an explanations dataset"),
-    "serve": ("ptame.serve", "serve a registered explainer over HTTP with Ray Serve"),
+    "serve": ("ptame.commands.serve", "serve a registered explainer over HTTP with Ray Serve"),
     "evaluate": ("ptame.commands.evaluate", "score an explainer and its peers on any images (metrics, paired differences, ROAD curves)"),
 }
 

@@ -21,7 +21,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -35,6 +35,7 @@ from ptame import registry
 from ptame.data import decode_image, prepare_image
 from ptame.explainer import Explainer
 from ptame.records import dequantize, explain_prepared, quantize
+from ptame.serve_config import BatchConfig, ServeConfig, ServeSettings
 
 NAME = "tiny"
 V1, V2 = f"models:/{NAME}/1", f"models:/{NAME}/2"
@@ -125,7 +126,7 @@ def check_answer(answer: dict, expected: Expected, topk: int) -> None:
 @dataclass
 class Served:
     url: str
-    app_args: dict
+    config: ServeConfig
     images: list[bytes]
     expected: dict[str, list[Expected]]  # model_uri -> one Expected per image
     tracking_uri: str
@@ -161,22 +162,20 @@ def served(tmp_path_factory):
     assert not np.array_equal(expected[V1][0].saliency, expected[V2][0].saliency)
 
     port = free_port()
-    app_args = {
-        "model": f"models:/{NAME}@champion",
-        "tracking_uri": tracking_uri,
-        "max_batch_size": 8,
-        "batch_wait_timeout_s": 0.02,
-        "max_ongoing_requests": 16,
-        "max_queued_requests": 16,
-        "max_body_bytes": 2_000_000,
-        "max_pixels": 4_000_000,
-    }
+    config = ServeConfig(
+        f"models:/{NAME}@champion",
+        tracking_uri=tracking_uri,
+        settings=ServeSettings(max_body_bytes=2_000_000, max_pixels=4_000_000),
+        batch=BatchConfig(max_batch_size=8, batch_wait_timeout_s=0.02),
+        max_ongoing_requests=16,
+        max_queued_requests=16,
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster another process left
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        info = deploy(app_args)
+        info = deploy(config)
         assert info["model_uri"] == V1
-        yield Served(f"http://127.0.0.1:{port}", app_args, images, expected, tracking_uri, explainers)
+        yield Served(f"http://127.0.0.1:{port}", config, images, expected, tracking_uri, explainers)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -318,9 +317,34 @@ def test_config_file_builds_and_unknown_models_are_refused(served) -> None:
     with pytest.raises(ValueError, match="name the model"):
         build_app({})
     with pytest.raises(LookupError, match="not in the registry"):  # before Serve is asked anything
-        deploy({**served.app_args, "model": f"models:/{NAME}@nobody"}, name="never")
+        deploy(replace(served.config, model=f"models:/{NAME}@nobody"), name="never")
     with pytest.raises(FileNotFoundError, match="neither"):
-        deploy({**served.app_args, "model": "/nonexistent/explainer"}, name="never")
+        deploy(replace(served.config, model="/nonexistent/explainer"), name="never")
+
+
+def test_flags_and_config_file_args_make_one_frozen_config() -> None:
+    """``ptame serve``'s flags and a Serve config file's ``args`` dict become the same ServeConfig."""
+    from dataclasses import FrozenInstanceError
+
+    from ptame.cli import build_parser
+    from ptame.commands.serve import _config
+
+    argv = ["serve", "--model", "models:/m@champion", "--replicas", "2", "--num-cpus", "2", "--max-batch-size", "4"]
+    flags = _config(build_parser().parse_args([*argv, "--max-body-mb", "1", "--topk", "3", "--max-queued", "-1"]))
+    args = {"model": "models:/m@champion", "replicas": 2, "num_cpus": 2, "max_batch_size": 4, "max_body_bytes": 2**20,
+            "default_topk": 3, "max_queued_requests": -1, "revision": 7}  # fmt: skip
+    from_file = ServeConfig.from_args(args)
+    assert from_file.max_ongoing_requests == 8 == flags.ongoing_limit == from_file.ongoing_limit  # twice the batch
+    assert flags == replace(from_file, max_ongoing_requests=None)
+    assert (flags.settings.max_body_bytes, flags.batch.batch_wait_timeout_s, flags.device) == (2**20, 0.01, "cpu")
+    with pytest.raises(FrozenInstanceError):
+        flags.replicas = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        ServeConfig.from_args({**args, "replicas": 0})
+    with pytest.raises(TypeError, match="args must be a dict"):
+        ServeConfig.from_args([("model", "m")])  # type: ignore[arg-type]
+    assert Path(ServeConfig("rel/dir").located().model).is_absolute()
+    assert ServeConfig("models:/m/1", tracking_uri="sqlite:///x.db").located().tracking_uri == f"sqlite:///{Path.cwd() / 'x.db'}"
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -388,7 +412,7 @@ def test_200_concurrent_requests_share_forward_passes(served, client) -> None:
 def test_overload_is_answered_503_not_queued(served, client) -> None:
     """More requests at once than the replica takes (16) plus the proxy queues (16): 503 for the rest."""
     big = encode(decode_image(served.images[2]).resize((1900, 1900)), "JPEG")  # ~0.1 s of decoding each
-    assert len(big) < served.app_args["max_body_bytes"]
+    assert len(big) < served.config.settings.max_body_bytes
 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
@@ -434,7 +458,7 @@ def test_moving_the_alias_and_redeploying_drops_no_request(served) -> None:
             time.sleep(0.1)
         assert len(answers) >= 8, answers
         MlflowClient().set_registered_model_alias(NAME, "champion", "2")
-        assert deploy(served.app_args)["model_uri"] == V2
+        assert deploy(served.config)["model_uri"] == V2
         switched = len(answers)
         deadline = time.monotonic() + 120
         while len(answers) < switched + 12 and time.monotonic() < deadline:
