@@ -17,7 +17,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "explain": ("ptame.batch", "bulk-explain images into Parquet with Ray Data (resumable)"),
+    "explain": ("ptame.commands.explain", "bulk-explain images into Parquet with Ray Data (resumable)"),
     "show": ("ptame.show", "render saliency overlays from an explanations dataset"),
     "serve": ("ptame.commands.serve", "serve a registered explainer over HTTP with Ray Serve"),
     "evaluate": ("ptame.commands.evaluate", "score an explainer and its peers on any images (metrics, paired differences, ROAD curves)"),

@@ -5,7 +5,7 @@ file and renamed to ``part-<chunk>.parquet`` only once complete, so a file under
 always holds a whole chunk, and a rerun skips exactly the chunks whose file exists. The manifest
 pins the model version, the input and the settings; each run that adds inputs is a *generation*
 recorded in it before any of its chunks is written, so a killed addition resumes exactly once.
-No Ray here: :mod:`ptame.batch` runs the pipeline over these plans.
+No Ray here: :mod:`ptame.batch` runs these plans through :mod:`ptame.pipeline`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ import torch
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, red_cells, red_explainer, red_scene
 from PIL import Image
 
-from ptame.batch import _actor_layout, _class_option, _prepare_chunk, _read_and_prepare, _unpack_chunk, explain_to_parquet
+from ptame.batch import ExplainJob, explain_to_parquet
+from ptame.chunks import ChunkReader, prepare_chunk, read_and_prepare, unpack_chunk
+from ptame.commands.explain import _class_option
+from ptame.pipeline import actor_layout
 from ptame.jobs import chunk_file, plan_chunks
 from ptame.explainer import Explainer
 from ptame.explanations import MANIFEST, SCHEMA, read_explanations, read_manifest
@@ -323,7 +326,7 @@ def test_cli_classes_choose_the_map_for_all_or_per_row(tmp_path, saved_model, ex
 
 
 def test_cli_full_view_maps_the_whole_image_and_a_job_keeps_its_view(tmp_path, local_ray) -> None:
-    from ptame.batch import VIEWS
+    from ptame.commands.explain import VIEWS
     from ptame.cli import main as cli
     from ptame.data import VIEWS as DATA_VIEWS
     from ptame.show import render_overlays
@@ -518,16 +521,16 @@ def test_cli_explain_never_creates_a_registry(tmp_path, saved_model) -> None:
 
 
 def test_cpu_explain_actors_reserve_a_cpu_per_thread_and_fit_the_nodes() -> None:
-    assert _actor_layout([{"CPU": 2.0}], None, False, 100) == (2, 1)  # the default: an actor per CPU, one thread
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}, {"GPU": 1.0}], None, False, 100) == (8, 1)
-    assert _actor_layout([{"CPU": 2.0}], 1, False, 100) == (1, 2)  # fewer actors use the other CPUs as threads
-    assert _actor_layout([{"CPU": 16.0}], 4, False, 100) == (4, 4)
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 6.0}], 2, False, 100) == (2, 2)  # threads fit the smallest node
-    assert _actor_layout([{"CPU": 2.0}, {"CPU": 2.0}], 3, False, 100) == (3, 1)
-    assert _actor_layout([{"CPU": 3.0}, {"CPU": 3.0}], 3, False, 100) == (3, 1)  # 2 threads each: only 2 would fit
-    assert _actor_layout([{"CPU": 2.0}], None, False, 1) == (1, 2)  # one chunk: one actor with every thread
+    assert actor_layout([{"CPU": 2.0}], None, False, 100) == (2, 1)  # the default: an actor per CPU, one thread
+    assert actor_layout([{"CPU": 2.0}, {"CPU": 6.0}, {"GPU": 1.0}], None, False, 100) == (8, 1)
+    assert actor_layout([{"CPU": 2.0}], 1, False, 100) == (1, 2)  # fewer actors use the other CPUs as threads
+    assert actor_layout([{"CPU": 16.0}], 4, False, 100) == (4, 4)
+    assert actor_layout([{"CPU": 2.0}, {"CPU": 6.0}], 2, False, 100) == (2, 2)  # threads fit the smallest node
+    assert actor_layout([{"CPU": 2.0}, {"CPU": 2.0}], 3, False, 100) == (3, 1)
+    assert actor_layout([{"CPU": 3.0}, {"CPU": 3.0}], 3, False, 100) == (3, 1)  # 2 threads each: only 2 would fit
+    assert actor_layout([{"CPU": 2.0}], None, False, 1) == (1, 2)  # one chunk: one actor with every thread
     with pytest.raises(ValueError, match="need a CPU each"):
-        _actor_layout([{"CPU": 2.0}], 3, False, 100)
+        actor_layout([{"CPU": 2.0}], 3, False, 100)
 
 
 @pytest.mark.parametrize("view", ["full", "crop"])
@@ -543,12 +546,14 @@ def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tm
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     source = resolve_source(str(tmp_path))
     (chunk,), _, _ = plan_chunks(source, 10)
-    prepare = {"filesystem": source.filesystem, "preprocessing": TINY_PREP.to_dict(), "max_pixels": 10**6,
-               "image_column": "image", "id_column": "image_id", "classes": 2, "view": view}  # fmt: skip
-    ids, items, wanted = _read_and_prepare(chunk, **prepare)
-    row = _prepare_chunk(chunk, **prepare)
+    job = ExplainJob(model="m", input=str(tmp_path), output=str(tmp_path / "out"), batch_size=32, concurrency=None,
+                     topk=5, use_gpu=True, chunk_size=10, max_pixels=10**6, image_column="image", id_column="image_id",
+                     classes=2, view=view, maps="pred", address=None, progress=False, tracking_uri=None)  # fmt: skip
+    reader = ChunkReader(job, source.filesystem, TINY_PREP.to_dict())
+    ids, items, wanted = read_and_prepare(chunk, reader)
+    row = prepare_chunk(chunk, reader)
     assert len(row["pixels"]) == 4 * 3 * TINY_PREP.input_size**2 * 2  # two bytes per value: half of float32
-    ids2, items2, wanted2 = _unpack_chunk(row, TINY_PREP)
+    ids2, items2, wanted2 = unpack_chunk(row, TINY_PREP)
     assert ids2 == ids == ["0.png", "1.png", "2.png", "3.png", "broken.jpg"] and wanted2 == ["2"] * 5 and wanted == [2] * 5
     assert [it.error is None for it in items2] == [it.error is None for it in items] == [True] * 4 + [False]
     for a, b in zip(items, items2):
@@ -563,16 +568,16 @@ def test_gpu_decode_stage_hands_the_actors_what_cpu_actors_prepare_themselves(tm
 
 
 def test_gpu_explain_actors_leave_cpus_to_decode() -> None:
-    assert _actor_layout([{"CPU": 12.0, "GPU": 4.0}], None, True, 100) == (4, 1)
-    assert _actor_layout([{"CPU": 16.0, "GPU": 1.0}], None, True, 100) == (1, 2)
-    assert _actor_layout([{"CPU": 2.0, "GPU": 1.0}], None, True, 100) == (1, 1)
+    assert actor_layout([{"CPU": 12.0, "GPU": 4.0}], None, True, 100) == (4, 1)
+    assert actor_layout([{"CPU": 16.0, "GPU": 1.0}], None, True, 100) == (1, 2)
+    assert actor_layout([{"CPU": 2.0, "GPU": 1.0}], None, True, 100) == (1, 1)
     with pytest.raises(ValueError, match="no GPU"):
-        _actor_layout([{"CPU": 16.0}], None, True, 100)
+        actor_layout([{"CPU": 16.0}], None, True, 100)
     with pytest.raises(ValueError, match="leaves no CPU to decode"):
-        _actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True, 100)
-    assert _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 2, True, 100) == (2, 2)
+        actor_layout([{"CPU": 2.0, "GPU": 2.0}], 2, True, 100)
+    assert actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 2, True, 100) == (2, 2)
     with pytest.raises(ValueError, match="concurrency=3 GPU explain actors need a GPU each; this cluster has 2"):
-        _actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 3, True, 100)  # one could never be placed
+        actor_layout([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], 3, True, 100)  # one could never be placed
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: two Ray nodes and three actors start
