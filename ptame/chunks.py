@@ -111,7 +111,7 @@ def read_here(chunk: dict[str, Any], reader: ChunkReader) -> dict[str, Any]:
 
 def read_and_prepare(chunk: dict[str, Any], reader: ChunkReader) -> tuple[list[str], list[Any], list[Any]]:
     """Read, decode and preprocess one chunk: ``(ids, prepared items, wanted classes)``; every input
-    yields an item, bad ones an error. ``job.view``: ``crop`` or ``full`` (see :func:`ptame.records.prepare`)."""
+    yields an item, bad ones an error. ``job.view``: ``crop`` or ``full`` (see :func:`ptame.data.prepare`)."""
     from ptame.models import Preprocessing
     from ptame.data import Prepared, prepare_image
 
