@@ -24,9 +24,9 @@ GALLERY = "reports/gallery"
 
 
 def run(params) -> None:
-    from ptame.evaluate import load_eval_set, log_precision, render_gallery
+    from ptame.evaluate import load_eval_set, log_precision
     from ptame.explainer import Explainer
-    from ptame.reports import ReportPaths, ScoringSettings, score_sets, write_reports
+    from ptame.reports import ReportPaths, ScoringSettings, render_gallery, score_sets, write_reports
 
     e = params["evaluate"]
     methods = {m: dict(o or {}) for m, o in e["methods"].to_dict().items()}

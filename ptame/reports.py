@@ -14,6 +14,7 @@ A run scores every method on every named image set with :func:`ptame.evaluate.ev
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -23,11 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptame.evaluate import EvalSet, Evaluation, as_table, evaluate, write_road_plots
-from ptame.explainer import Explainer
-from ptame.measures import HEADLINE
+from ptame.evaluate import EvalSet, Evaluation, evaluate
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
 
-__all__ = ["MAIN", "ReportPaths", "ScoredSets", "ScoringSettings", "combined_fingerprint", "load_image_set", "score_sets", "set_key", "write_reports"]
+from ptame.explainer import Explainer
+from ptame.measures import HEADLINE, MEASURES
+
+__all__ = [
+    "MAIN", "ReportPaths", "ScoredSets", "ScoringSettings", "as_table", "combined_fingerprint", "load_image_set",
+    "render_gallery", "score_sets", "set_key", "write_reports", "write_road_plots",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -274,3 +282,100 @@ def write_reports(scored: ScoredSets, paths: ReportPaths, extra: Mapping[str, An
         paths.differences, as_table(differences, ("n", *HEADLINE, "AD@15", "ROAD-MoRF@10"), intervals=True),
     )  # fmt: skip
     return record
+
+
+def write_road_plots(curves: Mapping[str, Mapping[str, Mapping[int, float]]], out_dir: str | Path) -> list[Path]:
+    """``road_morf.csv`` and ``road_lerf.csv``: ``percentage`` and one accuracy column per method.
+
+    The curves include the fixed end points ``(0, 1)`` and ``(100, 0)`` that the area uses.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    methods = list(curves)
+    for order in ("MoRF", "LeRF"):
+        percentages = sorted({p for m in methods for p in curves[m][order]})
+        path = out / f"road_{order.lower()}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["percentage", *methods])
+            writer.writerow([0, *([1.0] * len(methods))])
+            for p in percentages:
+                writer.writerow([p, *(round(curves[m][order].get(p, float("nan")), 6) for m in methods)])
+            writer.writerow([100, *([0.0] * len(methods))])
+        written.append(path)
+    return written
+
+
+def _caption(image: Image.Image, text: str, height: int = 22) -> Image.Image:
+    out = Image.new("RGB", (image.size[0], image.size[1] + height), "white")
+    out.paste(image, (0, height))
+    ImageDraw.Draw(out).text((4, 4), text, fill="black")
+    return out
+
+
+def render_gallery(
+    evalset: EvalSet,
+    maps: Mapping[str, Tensor],
+    out_dir: str | Path,
+    methods: Sequence[str] = ("ptame", "gradcam"),
+    count: int = 4,
+    class_names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    height: int = 260,
+) -> list[Path]:
+    """PNG rows ``image | P-TAME | Grad-CAM | ...`` (predicted class) and an overview ``gallery.png``.
+
+    Overlays cover the region each map explains (the preprocessing's centre crop).
+    """
+    from ptame.viz import overlay, side_by_side
+
+    missing = [m for m in methods if m not in maps]
+    if missing:
+        raise ValueError(f"gallery methods {missing} were not evaluated; evaluated: {sorted(maps)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, written = [], []
+    for i in range(min(count, len(evalset.image_ids))):
+        image, box = evalset.originals[i], evalset.crop_boxes[i]
+        target = int(evalset.targets[i])
+        label = class_names[target] if class_names else str(target)
+        panels = [_caption(image.crop(box).resize((height, height)), f"{evalset.image_ids[i]}: {label[:28]}")]
+        for m in methods:
+            if i >= maps[m].shape[0]:
+                continue
+            over = overlay(image, maps[m][i].numpy(), crop_box=box, alpha=alpha).crop(box).resize((height, height))
+            panels.append(_caption(over, m))
+        row = side_by_side(panels, height=height + 22)
+        path = out / f"{i:02d}_{evalset.image_ids[i].replace('/', '_')}.png"
+        row.save(path)
+        rows.append(row)
+        written.append(path)
+    if rows:
+        width = max(r.size[0] for r in rows)
+        sheet = Image.new("RGB", (width, sum(r.size[1] for r in rows) + 4 * (len(rows) - 1)), "white")
+        y = 0
+        for r in rows:
+            sheet.paste(r, (0, y))
+            y += r.size[1] + 4
+        sheet.save(out / "gallery.png")
+        written.append(out / "gallery.png")
+    return written
+
+
+def as_table(
+    metrics: Mapping[str, Mapping[str, float]], measures: Sequence[str] = tuple(MEASURES), intervals: bool = False
+) -> str:
+    """A markdown table of ``metrics[row][measure]`` (for logs and reports); ``intervals``: ``value [lo, hi]``."""
+
+    def cell(values: Mapping[str, float], m: str) -> str:
+        if m not in values or not np.isfinite(values[m]):
+            return "-"
+        if intervals and f"{m}_lo" in values:
+            return f"{values[m]:+.4g} [{values[f'{m}_lo']:+.3g}, {values[f'{m}_hi']:+.3g}]"
+        return f"{values[m]:.4g}"
+
+    head = "| method | " + " | ".join(measures) + " |"
+    rule = "| --- |" + " --- |" * len(measures)
+    rows = [f"| {name} | " + " | ".join(cell(values, m) for m in measures) + " |" for name, values in metrics.items()]
+    return "\n".join([head, rule, *rows])

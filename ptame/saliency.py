@@ -92,9 +92,12 @@ _STARTING_POINTS: weakref.WeakKeyDictionary[Explainer, tuple[float, Explainer]] 
 
 
 @register_method("cam")
-def _cam(model: Explainer | Classifier, images: Tensor, classes: Tensor, cam_scale: float = 0.5, **_: Any) -> Tensor:
+def _cam(model: Explainer | Classifier, images: Tensor, classes: Tensor, cam_scale: float | None = None, **_: Any) -> Tensor:
+    """The explainer's untrained start; ``cam_scale`` defaults to the one its training started from (else 0.5)."""
     if not isinstance(model, Explainer):
         raise TypeError("the 'cam' method is an explainer's starting point: it needs an Explainer, not a bare classifier")
+    if cam_scale is None:
+        cam_scale = float(((model.saved_extra or {}).get("train") or {}).get("cam_scale", 0.5))
     scale, start = _STARTING_POINTS.get(model, (None, None))
     if start is None or scale != cam_scale:
         start = model.starting_point(cam_scale)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ptame.evaluate import EvalSet, as_table, evaluate, load_eval_set, render_gallery, write_road_plots
+from ptame.evaluate import EvalSet, evaluate, load_eval_set
+from ptame.reports import as_table, render_gallery, write_road_plots
 from ptame.saliency import rise_multi
 from ptame.prepare import write_shards
 from ptame.saliency import METHODS, saliency
