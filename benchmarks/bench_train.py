@@ -41,7 +41,10 @@ from ptame.demo import load_photos, train_images  # noqa: E402
 from ptame.losses import LossWeights  # noqa: E402
 from ptame.prepare import encode  # noqa: E402
 from ptame.precision import choose_precision  # noqa: E402
-from ptame.train import TrainConfig, _build_explainer, _crop_flip, _decode_batch, _resolve_preprocessing, _training_preprocessing, train  # noqa: E402
+from ptame.train import TrainConfig, train  # noqa: E402
+from ptame.train.config import build_explainer, training_preprocessing  # noqa: E402
+from ptame.train.driver import _resolve_preprocessing  # noqa: E402
+from ptame.train.feed import crop_flip, decode_batch  # noqa: E402
 
 
 def write_data(folder: Path, n: int) -> Path:
@@ -60,15 +63,15 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, cached: bool, threads:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    explainer = _build_explainer(cfg)
+    explainer = build_explainer(cfg)
     explainer.train()
     opt = torch.optim.AdamW(explainer.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     blobs = pq.read_table(cfg.data, columns=["image"]).column("image").to_numpy(zero_copy_only=False)
-    prep = _training_preprocessing(cfg)
+    prep = training_preprocessing(cfg)
     size = prep["input_size"]
     precision = choose_precision(cfg.amp, "cpu")
-    decoded = torch.from_numpy(_decode_batch({"image": blobs}, "image", prep, True)["image"]) if cached else None
+    decoded = torch.from_numpy(decode_batch({"image": blobs}, "image", prep, True)["image"]) if cached else None
     setup = time.perf_counter() - t0
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -79,8 +82,8 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, cached: bool, threads:
         if cached:
             raw = decoded[lo : lo + cfg.batch_size]
         else:
-            raw = torch.from_numpy(_decode_batch({"image": blobs[lo : lo + cfg.batch_size]}, "image", prep, True)["image"])
-        images = _crop_flip(raw, size, generator)
+            raw = torch.from_numpy(decode_batch({"image": blobs[lo : lo + cfg.batch_size]}, "image", prep, True)["image"])
+        images = crop_flip(raw, size, generator)
         with precision.autocast("cpu"):
             out = explainer.training_step(images)
         opt.zero_grad(set_to_none=True)

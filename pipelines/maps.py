@@ -1,8 +1,9 @@
 """DVC stage ``maps``: the trained head (``models/head``) with the explain-time map settings -> ``models/explainer``.
 
-``model.smoothing``, ``model.cam_weight`` and ``model.activity_weight`` change how maps are made
-from the trained head, not what the head learns: this stage applies them in seconds, so changing
-one re-runs evaluation and what follows, never training.
+The fields of :class:`ptame.maps.MapSettings` (``model.smoothing``, ``model.cam_weight``,
+``model.activity_weight``) change how maps are made from the trained head, not what the head
+learns: this stage applies them in seconds, so changing one re-runs evaluation and what follows,
+never training.
 """
 
 import logging
@@ -16,17 +17,16 @@ OUT = "models/explainer"
 
 
 def run(params) -> None:
+    from dataclasses import fields
+
     from ptame.explainer import Explainer
+    from ptame.maps import MapSettings
 
     explainer = Explainer.load(HEAD)
-    explainer.set_maps(
-        smoothing=float(params["model.smoothing"]),
-        cam_weight=float(params.get("model.cam_weight", 0.0)),
-        activity_weight=float(params.get("model.activity_weight", 0.0)),
-    )
+    # a setting missing from params.yaml keeps its default (0: the paper's maps)
+    explainer.set_maps(MapSettings(**{f.name: float(params.get(f"model.{f.name}", f.default)) for f in fields(MapSettings)}))
     explainer.save(OUT, extra=explainer.saved_extra)
-    logger.info("%s: map settings smoothing %g, cam_weight %g, activity_weight %g", OUT,
-                explainer.smoothing, explainer.cam_weight, explainer.activity_weight)
+    logger.info("%s: map settings %s", OUT, explainer.maps.describe())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ptame.head import AttentionHead, minmax_normalize, smooth_maps, upsample_to
 from ptame.losses import LossWeights, ptame_loss, share_masks
+from ptame.maps import MapSettings
 from ptame.models import Classifier, FeaturePyramid, Preprocessing, load_auxiliary, load_backbone, warn_if_random
 from ptame.taps import BACKBONE_AUX, BackboneTaps, backbone_taps, classifier_weight
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
-FORMAT_VERSION = 1
+#: 2: the map settings under ``"maps"`` (1: flat ``smoothing``/``cam_weight``/``activity_weight`` keys, or none)
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,16 @@ class ExplainerConfig:
     preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
     class_names: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
-    smoothing: float = 0.0
-    cam_weight: float = 0.0
-    activity_weight: float = 0.0
+    maps: MapSettings = field(default_factory=MapSettings)
     format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExplainerConfig:
+        """Read a saved ``config.json`` (without ``extra``), older formats included: flat map settings become ``maps``."""
+        raw = dict(raw)
+        flat = {f.name: raw.pop(f.name) for f in fields(MapSettings) if f.name in raw}  # format 1
+        maps = MapSettings.from_dict({**flat, **raw.pop("maps", {})})
+        return cls(**raw, maps=maps)
 
 
 def check_images(images: Tensor, name: str = "images") -> None:
@@ -130,16 +138,8 @@ class Explainer(nn.Module):
             own feature maps (:class:`~ptame.models.BackboneTaps`, one forward pass for both).
         head: the attention head (a fresh one sized from the auxiliary when ``None``).
         loss_weights: loss weights for :meth:`training_step`.
-        smoothing: std, in map pixels, of a Gaussian blur of the map logits before the sigmoid
-            in :meth:`explain` (``0``: none, the paper); training never blurs.
-        cam_weight: weight of the backbone's own class activation map of ``log p`` (see
-            :meth:`class_activation_maps`) added to the head's logits in :meth:`explain` (``0``:
-            none, the paper); needs the backbone as auxiliary and a final linear layer over its
-            last tapped map. Training never adds it.
-        activity_weight: weight of the backbone's activity (see :meth:`activity`) added to the map
-            logits in :meth:`explain` where the map is off (``0``: none, the paper): among the regions
-            the map leaves out, those where the network sees nothing rank below those where it sees
-            something, so ROAD's LeRF removes empty background first. Needs what ``cam_weight`` needs.
+        maps: how :meth:`explain` makes maps from the head's logits (default: the paper's); training
+            never reads them.
     """
 
     def __init__(
@@ -148,9 +148,7 @@ class Explainer(nn.Module):
         auxiliary: FeaturePyramid | BackboneTaps,
         head: AttentionHead | None = None,
         loss_weights: LossWeights | None = None,
-        smoothing: float = 0.0,
-        cam_weight: float = 0.0,
-        activity_weight: float = 0.0,
+        maps: MapSettings | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -161,7 +159,7 @@ class Explainer(nn.Module):
         if list(self.head.channels) != list(auxiliary.channels):
             raise ValueError(f"head expects channels {self.head.channels}, auxiliary gives {auxiliary.channels}")
         self.loss_weights = loss_weights or LossWeights()
-        self.set_maps(smoothing, cam_weight, activity_weight)
+        self.set_maps(maps or MapSettings())
         self.stages: list[int] | None = None
         self.pretrained = False
         self.saved_extra: dict[str, Any] | None = None
@@ -176,9 +174,7 @@ class Explainer(nn.Module):
         loss_weights: LossWeights | None = None,
         class_names: Sequence[str] | None = None,
         preprocessing: Preprocessing | None = None,
-        smoothing: float = 0.0,
-        cam_weight: float = 0.0,
-        activity_weight: float = 0.0,
+        maps: MapSettings | None = None,
     ) -> Explainer:
         """Build an untrained explainer from model URIs (see :mod:`ptame.models`).
 
@@ -190,9 +186,7 @@ class Explainer(nn.Module):
             aux: FeaturePyramid | BackboneTaps = backbone_taps(bb, stages)
         else:
             aux = load_auxiliary(auxiliary, stages=stages, pretrained=pretrained)
-        explainer = cls(
-            bb, aux, loss_weights=loss_weights, smoothing=smoothing, cam_weight=cam_weight, activity_weight=activity_weight
-        )
+        explainer = cls(bb, aux, loss_weights=loss_weights, maps=maps)
         explainer.stages = list(stages) if stages is not None else None
         explainer.pretrained = pretrained
         return explainer
@@ -254,28 +248,18 @@ class Explainer(nn.Module):
         Shares the backbone and auxiliary (no copy); the evaluation's ``cam`` peer, which tells
         what the training adds.
         """
-        start = Explainer(
-            self.backbone, self.auxiliary, AttentionHead(self.head.channels, self.head.num_classes), self.loss_weights,
-            self.smoothing, self.cam_weight, self.activity_weight,
-        )  # fmt: skip
+        head = AttentionHead(self.head.channels, self.head.num_classes)
+        start = Explainer(self.backbone, self.auxiliary, head, self.loss_weights, maps=self.maps)
         start.init_head_from_classifier(cam_scale)
         return start.to(next(self.head.parameters()).device)
 
-    def set_maps(self, smoothing: float = 0.0, cam_weight: float = 0.0, activity_weight: float = 0.0) -> None:
-        """Set the explain-time map settings (see the class docstring); training never reads them."""
-        if not smoothing >= 0:
-            raise ValueError(f"smoothing must be >= 0 (map pixels; 0: none), got {smoothing}")
-        self.smoothing = float(smoothing)
-        self.cam_weight = self._map_term_weight("cam_weight", cam_weight)
-        self.activity_weight = self._map_term_weight("activity_weight", activity_weight)
-
-    def _map_term_weight(self, name: str, weight: float) -> float:
-        """A weight of a map term read from the backbone's last feature map: >= 0, and > 0 only where that map exists."""
-        if not weight >= 0:
-            raise ValueError(f"{name} must be >= 0 (0: none), got {weight}")
-        if weight > 0:
+    def set_maps(self, maps: MapSettings = MapSettings()) -> None:
+        """Set the explain-time map settings (default: the paper's); refuses those this backbone cannot make."""
+        if not isinstance(maps, MapSettings):
+            raise TypeError(f"maps must be a MapSettings, got {type(maps).__name__}")
+        for name in maps.reading_classifier():
             self._check_cam_source(name)
-        return float(weight)
+        self.maps = maps
 
     def _check_cam_source(self, what: str, instead: str = "set it to 0") -> Tensor:
         """The backbone's final linear weights ``(K, C)`` over its last tapped map, or a clear error."""
@@ -424,18 +408,19 @@ class Explainer(nn.Module):
 
     def _map_logits(self, features: Sequence[Tensor], chosen: Tensor, probs: Tensor) -> Tensor:
         """The explained logits of ``chosen`` ``(B, k)``: the head's, plus the CAM and activity terms, blurred."""
+        settings = self.maps
         maps = self.head(features, chosen).float()
         size = tuple(maps.shape[-2:])
-        if self.cam_weight == 0 and self.activity_weight == 0:
-            return smooth_maps(maps, self.smoothing)
+        if settings.cam_weight == 0 and settings.activity_weight == 0:
+            return smooth_maps(maps, settings.smoothing)
         cam = self.class_activation_maps(features, chosen, probs)
-        if self.cam_weight > 0:  # counter-evidence (negative CAM) ranks below neutral background
-            maps = maps + self.cam_weight * upsample_to(cam, size)
-        if self.activity_weight > 0:  # in units of the CAM's mean magnitude, where the map is off
+        if settings.cam_weight > 0:  # counter-evidence (negative CAM) ranks below neutral background
+            maps = maps + settings.cam_weight * upsample_to(cam, size)
+        if settings.activity_weight > 0:  # in units of the CAM's mean magnitude, where the map is off
             activity = self.activity(features) * cam.abs().mean((2, 3), keepdim=True)
-            off = 1 - torch.sigmoid(smooth_maps(maps, self.smoothing))
-            maps = maps + self.activity_weight * upsample_to(activity, size) * off
-        return smooth_maps(maps, self.smoothing)
+            off = 1 - torch.sigmoid(smooth_maps(maps, settings.smoothing))
+            maps = maps + settings.activity_weight * upsample_to(activity, size) * off
+        return smooth_maps(maps, settings.smoothing)
 
     def explain_image(
         self, image: str | Path | bytes | Any, class_: int | str | None = None, view: str = "crop"
@@ -477,9 +462,7 @@ class Explainer(nn.Module):
             preprocessing=self.preprocessing.to_dict(),
             class_names=list(self.class_names),
             loss=asdict(self.loss_weights),
-            smoothing=self.smoothing,
-            cam_weight=self.cam_weight,
-            activity_weight=self.activity_weight,
+            maps=self.maps,
         )
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -510,7 +493,7 @@ class Explainer(nn.Module):
         extra = raw.pop("extra", None)
         if raw.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{src} was saved by a newer ptame (format {raw['format_version']})")
-        cfg = ExplainerConfig(**raw)
+        cfg = ExplainerConfig.from_dict(raw)
         explainer = cls.from_uris(
             cfg.backbone,
             cfg.auxiliary,
@@ -519,9 +502,7 @@ class Explainer(nn.Module):
             loss_weights=LossWeights(**cfg.loss),
             class_names=cfg.class_names or None,
             preprocessing=Preprocessing.from_dict(cfg.preprocessing),
-            smoothing=cfg.smoothing,
-            cam_weight=cfg.cam_weight,
-            activity_weight=cfg.activity_weight,
+            maps=cfg.maps,
         )
         if explainer.head.channels != cfg.channels:
             raise ValueError(f"auxiliary {cfg.auxiliary} now gives channels {explainer.head.channels}, saved {cfg.channels}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ptame.losses import LossWeights
+from ptame.maps import MapSettings
 
 __all__ = [
     "CLASS_NAMES_DIR", "KNOWN_KEYS", "MissingParamError", "Params", "UnknownParamError", "check_class_names_file",
@@ -37,7 +38,7 @@ OPEN = "open"
 #: every key of ``params.yaml``: a mapping is a section, ``None`` any value, :data:`OPEN` any sub-keys
 KNOWN_KEYS: dict[str, Any] = {
     "model": {"backbone": None, "pretrained": None, "auxiliary": None, "stages": None, "preprocessing": OPEN, "class_names": None,
-              "smoothing": None, "cam_weight": None, "activity_weight": None},
+              **dict.fromkeys(f.name for f in fields(MapSettings))},  # the maps stage applies them
     "data": {
         "source": None, "eval_fraction": None, "split_seed": None, "max_images": None, "shard_rows": None,
         "demo": dict.fromkeys(("train_images", "grid_fraction", "eval_images", "single_images", "image_size", "seed", "eval_seed", "min_score")),

@@ -1,3 +1,6 @@
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 import torchvision
@@ -5,6 +8,7 @@ import torchvision
 from conftest import AUXILIARY, TINY_BACKBONE, TINY_PREP, assert_maps, count_syncs, red_explainer
 from ptame.explainer import Explainer, check_images
 from ptame.losses import LossWeights
+from ptame.maps import MapSettings
 from ptame.models import Classifier, Preprocessing
 
 
@@ -84,6 +88,28 @@ def test_save_and_load_give_the_same_maps(tiny_explainer: Explainer, tmp_path) -
     images = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(loaded.explain(images).saliency, tiny_explainer.explain(images).saliency)
     assert loaded.preprocessing == TINY_PREP
+
+
+@pytest.mark.parametrize("old_maps", [{"smoothing": 1.5, "cam_weight": 0.5, "activity_weight": 1.0}, {}], ids=["flat", "none"])
+def test_explainers_saved_by_older_versions_still_load(tmp_path, old_maps: dict) -> None:
+    """config.json keeps the map settings under "maps"; format 1 had them as flat keys, and before that none."""
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP, maps=MapSettings(**old_maps))
+    explainer.init_head_from_classifier(scale=0.5)
+    folder = explainer.save(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["maps"] == asdict(MapSettings(**old_maps)) and config["format_version"] == 2
+    old = {k: v for k, v in config.items() if k not in ("maps", "format_version")}
+    (folder / "config.json").write_text(json.dumps({**old, **old_maps, "format_version": 1}, indent=2))  # as ptame wrote it
+    loaded = Explainer.load(folder)
+    assert loaded.maps == MapSettings(**old_maps)
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.explain(images).saliency, explainer.explain(images).saliency)
+    (folder / "config.json").write_text(json.dumps({**config, "maps": {"blur": 1.0}}))
+    with pytest.raises(ValueError, match=r"unknown map settings \['blur'\]"):
+        Explainer.load(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 3}))
+    with pytest.raises(ValueError, match="saved by a newer ptame"):
+        Explainer.load(folder)
 
 
 def test_load_refuses_a_directory_without_an_explainer(tmp_path) -> None:
@@ -249,7 +275,7 @@ def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explaine
 
     images = torch.rand(2, 3, 64, 64)
     sharp = tiny_explainer.explain(images)
-    tiny_explainer.smoothing = 1.5
+    tiny_explainer.set_maps(MapSettings(smoothing=1.5))
     smooth = tiny_explainer.explain(images)
     with torch.no_grad():
         logits, features = tiny_explainer.logits_and_features(images)
@@ -258,10 +284,10 @@ def test_smoothing_is_saved_and_blurs_only_explanations(tiny_explainer: Explaine
     torch.testing.assert_close(smooth.saliency, minmax_normalize(torch.sigmoid(smooth_maps(raw, 1.5))), atol=1e-5, rtol=0)
     assert not torch.allclose(smooth.saliency, sharp.saliency)
     loaded = Explainer.load(tiny_explainer.save(tmp_path / "m"))
-    assert loaded.smoothing == 1.5
+    assert loaded.maps == MapSettings(smoothing=1.5)
     torch.testing.assert_close(loaded.explain(images).saliency, smooth.saliency)
     with pytest.raises(ValueError, match="smoothing must be >= 0"):
-        Explainer(tiny_explainer.backbone, tiny_explainer.auxiliary, smoothing=-1)
+        MapSettings(smoothing=-1)
 
 
 def test_set_maps_changes_the_maps_not_the_head_and_keeps_the_saved_extra(tmp_path) -> None:
@@ -273,9 +299,9 @@ def test_set_maps_changes_the_maps_not_the_head_and_keeps_the_saved_extra(tmp_pa
     explainer.save(tmp_path / "head", extra={"train": {"steps": 7}})
     loaded = Explainer.load(tmp_path / "head")
     assert loaded.saved_extra == {"train": {"steps": 7}}
-    loaded.set_maps(smoothing=1.5, cam_weight=0.5, activity_weight=1.0)
+    loaded.set_maps(MapSettings(smoothing=1.5, cam_weight=0.5, activity_weight=1.0))
     again = Explainer.load(loaded.save(tmp_path / "explainer", extra=loaded.saved_extra))
-    assert (again.smoothing, again.cam_weight, again.activity_weight) == (1.5, 0.5, 1.0)
+    assert again.maps == MapSettings(smoothing=1.5, cam_weight=0.5, activity_weight=1.0)
     assert again.saved_extra == {"train": {"steps": 7}}
     for name, value in again.head.state_dict().items():
         assert torch.equal(value, explainer.head.state_dict()[name]), name
@@ -283,13 +309,15 @@ def test_set_maps_changes_the_maps_not_the_head_and_keeps_the_saved_extra(tmp_pa
     again.set_maps()  # the paper's maps again: the same as before
     torch.testing.assert_close(again.explain(images).saliency, plain)
     with pytest.raises(ValueError, match="cam_weight must be >= 0"):
-        again.set_maps(cam_weight=-0.5)
+        again.set_maps(MapSettings(cam_weight=-0.5))
+    with pytest.raises(TypeError, match="maps must be a MapSettings"):
+        again.set_maps({"cam_weight": 0.5})  # type: ignore[arg-type]
 
 
 def test_cam_weight_adds_the_backbones_class_activation_maps(tmp_path) -> None:
     from ptame.head import minmax_normalize
 
-    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP, cam_weight=0.5)
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP, maps=MapSettings(cam_weight=0.5))
     explainer.init_head_from_classifier(scale=0.5)  # the untrained head's logits: 0.5 x CAM
     images = torch.rand(2, 3, 64, 64)
     classes = torch.tensor([[1, 3], [0, 2]])
@@ -303,12 +331,12 @@ def test_cam_weight_adds_the_backbones_class_activation_maps(tmp_path) -> None:
     got = explainer.explain(images, classes=classes).saliency
     torch.testing.assert_close(got, minmax_normalize(torch.sigmoid(0.5 * cam + 0.5 * log_p_cam)), rtol=1e-4, atol=1e-5)
     loaded = Explainer.load(explainer.save(tmp_path / "m"))
-    assert loaded.cam_weight == 0.5
+    assert loaded.maps.cam_weight == 0.5
     torch.testing.assert_close(loaded.explain(images, classes=classes).saliency, got)
     with pytest.raises(ValueError, match="cam_weight needs auxiliary 'backbone'"):
-        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, cam_weight=0.5)
+        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, maps=MapSettings(cam_weight=0.5))
     with pytest.raises(ValueError, match="cam_weight must be >= 0"):
-        Explainer(explainer.backbone, explainer.auxiliary, cam_weight=-1.0)
+        MapSettings(cam_weight=-1.0)
 
 
 def test_cam_weight_ranks_counter_evidence_below_the_background() -> None:
@@ -328,7 +356,7 @@ def test_cam_weight_ranks_counter_evidence_below_the_background() -> None:
     image[0, :, 8:24, 8:24] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # red, top left
     image[0, :, 40:56, 40:56] = torch.tensor([0.1, 0.1, 0.9])[:, None, None]  # blue, bottom right
     assert explainer.explain(image, classes=0).saliency.abs().max() == 0  # the head alone ranks nothing
-    explainer.cam_weight = 1.0
+    explainer.set_maps(MapSettings(cam_weight=1.0))
     saliency = explainer.explain(image, classes=0).saliency[0, 0]  # 16 x 16 map: 4 pixels per cell
     red, grey, blue = saliency[2:6, 2:6].mean(), saliency[2:6, 10:14].mean(), saliency[10:14, 10:14].mean()
     assert red > 0.9 and blue < 0.1
@@ -359,12 +387,12 @@ def test_activity_weight_ranks_empty_background_lowest(tmp_path) -> None:
         _, features = explainer.logits_and_features(image)
         norm = features[-1].norm(dim=1)
     torch.testing.assert_close(Explainer.activity(features)[:, 0], norm / norm.mean() - 1)
-    explainer.activity_weight = 1.0
+    explainer.set_maps(MapSettings(activity_weight=1.0))
     red_a, grey_a, blue_a = parts(explainer.explain(image, classes=0).saliency[0, 0])
     assert blue_a > grey_a + 0.5 and red_a > blue_a + 0.05  # the order: red, then blue, then grey
     loaded = Explainer.load(explainer.save(tmp_path / "m"))
-    assert loaded.activity_weight == 1.0
+    assert loaded.maps.activity_weight == 1.0
     with pytest.raises(ValueError, match="activity_weight needs auxiliary 'backbone'"):
-        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, activity_weight=1.0)
+        Explainer.from_uris(TINY_BACKBONE, AUXILIARY, preprocessing=TINY_PREP, maps=MapSettings(activity_weight=1.0))
     with pytest.raises(ValueError, match="activity_weight must be >= 0"):
-        Explainer(explainer.backbone, explainer.auxiliary, activity_weight=-1.0)
+        MapSettings(activity_weight=-1.0)

@@ -78,8 +78,7 @@ def test_dvc_repro_end_to_end(repro) -> None:
         assert {"config.json", "head.safetensors"} <= {p.name for p in (project / folder).iterdir()}
     saved = json.loads((project / "models/explainer/config.json").read_text())
     wanted = yaml.safe_load((project / "params.yaml").read_text())["model"]
-    assert [saved[k] for k in ("smoothing", "cam_weight", "activity_weight")] == [
-        wanted[k] for k in ("smoothing", "cam_weight", "activity_weight")]  # the maps stage applied them
+    assert saved["maps"] == {k: wanted[k] for k in saved["maps"]}  # the maps stage applied them
     assert saved["extra"]["train"]["steps"] == 3  # and kept what training recorded
     for path in ("reports/prepare.json", "reports/train.json", "reports/plots/train_loss.csv", "reports/plots/road_morf.csv",
                  "reports/plots/road_lerf.csv", "reports/plots/road_morf_single.csv", "reports/gallery/gallery.png",

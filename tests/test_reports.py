@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import red_explainer, red_scene
 from ptame.losses import LossWeights, share_masks
+from ptame.maps import MapSettings
 from ptame.reports import set_key
 from ptame.saliency import saliency
 
@@ -47,9 +48,9 @@ def test_cam_peer_is_the_untrained_start(tmp_path) -> None:
     trained = red_explainer()
     with torch.no_grad():
         trained.head.fuser.weight.add_(0.3 * torch.randn_like(trained.head.fuser.weight))  # "training" moved the head
-    trained.set_maps(smoothing=1.0, cam_weight=0.5, activity_weight=0.0)
+    trained.set_maps(MapSettings(smoothing=1.0, cam_weight=0.5))
     fresh = red_explainer()  # head_init cam, scale 0.5, nothing learnt
-    fresh.set_maps(smoothing=1.0, cam_weight=0.5, activity_weight=0.0)
+    fresh.set_maps(MapSettings(smoothing=1.0, cam_weight=0.5))
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     classes = torch.tensor([0, 1, 2])
     got = saliency("cam", trained, x, classes, cam_scale=0.5)

@@ -5,10 +5,13 @@ change to how maps are made re-runs the stages that use them instead of keeping 
 from __future__ import annotations
 
 import ast
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ptame.maps import MapSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +75,8 @@ def _covered(path: str, deps: list[str]) -> bool:
 
 def test_the_walker_follows_lazy_and_relative_imports() -> None:
     train = code_closure(ROOT / "pipelines/train.py")
-    assert {"pipelines/_stage.py", "ptame/train.py", "ptame/explainer.py", "ptame/head.py", "ptame/__init__.py"} <= train
+    assert {"pipelines/_stage.py", "ptame/train/__init__.py", "ptame/train/worker.py", "ptame/explainer.py", "ptame/head.py",
+            "ptame/__init__.py"} <= train
     assert "ptame/metrics/common.py" in code_closure(ROOT / "ptame/metrics/road.py")  # `from .common import ...`
     assert "ptame/serve.py" not in train
 
@@ -90,5 +94,5 @@ def test_map_settings_do_not_retrain() -> None:
     stages = _stages()
     train_params = stages["train"]["params"]
     assert "model" not in train_params  # the whole section would include the map settings
-    for key in ("model.smoothing", "model.cam_weight", "model.activity_weight"):
+    for key in (f"model.{f.name}" for f in fields(MapSettings)):  # a new map setting must reach the maps stage
         assert key not in train_params and key in stages["maps"]["params"]

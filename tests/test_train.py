@@ -17,8 +17,10 @@ from PIL import Image
 
 from conftest import AUXILIARY, TINY_BACKBONE, assert_maps
 from ptame.explainer import Explainer
+from ptame.maps import MapSettings
 from ptame.testing import object_scenes
-from ptame.train import LOSS_TERMS, TrainConfig, TrainResult, _LossLog, _mean_terms, train
+from ptame.train import LOSS_TERMS, TrainConfig, TrainResult, train
+from ptame.train.worker import _LossLog, _mean_terms
 
 ray = pytest.importorskip("ray")
 
@@ -101,13 +103,29 @@ def test_zero_workers_is_refused_naming_the_field(tmp_path) -> None:
         train({"data": "x"})  # type: ignore[arg-type]
 
 
+def test_config_travels_as_plain_values_map_settings_included(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from ptame.train.config import build_explainer
+
+    cfg = tiny_config(tmp_path, tmp_path, auxiliary="backbone", maps=MapSettings(smoothing=1.5, cam_weight=0.5))
+    raw = asdict(cfg)  # what Ray Train hands each worker
+    assert raw["maps"] == {"smoothing": 1.5, "cam_weight": 0.5, "activity_weight": 0.0}
+    assert TrainConfig(**raw) == cfg
+    assert build_explainer(cfg).maps == cfg.maps  # the saved explainer's map settings
+    with pytest.raises(ValueError, match="unknown map settings"):
+        tiny_config(tmp_path, tmp_path, maps={"blur": 1.0})
+    with pytest.raises(TypeError, match="TrainConfig.maps"):
+        tiny_config(tmp_path, tmp_path, maps=1.5)
+
+
 def test_crop_scale_shrinks_the_training_crops_only(tmp_path) -> None:
-    from ptame.train import _training_preprocessing
+    from ptame.train.config import training_preprocessing
 
     prep = {"input_size": 260, "resize": 297, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     cfg = replace(tiny_config(tmp_path, tmp_path), preprocessing=prep, crop_scale=0.75)
-    assert _training_preprocessing(cfg) == {**prep, "input_size": 195, "resize": 223}  # 260 x 0.75, 297 x 0.75
-    assert _training_preprocessing(replace(cfg, crop_scale=1.0)) == prep
+    assert training_preprocessing(cfg) == {**prep, "input_size": 195, "resize": 223}  # 260 x 0.75, 297 x 0.75
+    assert training_preprocessing(replace(cfg, crop_scale=1.0)) == prep
     assert cfg.preprocessing == prep  # what the saved explainer explains at
     for bad in (0, 1.5, -0.5):
         with pytest.raises(ValueError, match="crop_scale must be in"):
@@ -148,20 +166,22 @@ def test_bad_backbone_column_or_size_is_refused_before_ray_starts(tmp_path) -> N
 
 def test_run_directory_follows_settings_and_data(tmp_path) -> None:
     """Same settings and data: same run directory (a rerun resumes); anything that changes the result: new one."""
-    from ptame.train import _data_files, _run_directory
+    from ptame.train.driver import _run_directory
+    from ptame.train.feed import data_files
 
     data = write_scenes(tmp_path / "data", 8, shards=2)
     cfg = tiny_config(tmp_path, data)
-    name = _run_directory(cfg, _data_files(str(data)))
+    name = _run_directory(cfg, data_files(str(data)))
     assert name.startswith("ptame-train-")
     assert _run_directory(replace(cfg, checkpoint_every=3, storage_path="elsewhere", fail_at_step=2),
-                          _data_files(str(data))) == name
-    assert _run_directory(replace(cfg, lr=1e-3), _data_files(str(data))) != name
-    assert _run_directory(replace(cfg, num_workers=2), _data_files(str(data))) != name
+                          data_files(str(data))) == name
+    assert _run_directory(replace(cfg, maps=MapSettings(smoothing=2.0)), data_files(str(data))) == name  # never trained
+    assert _run_directory(replace(cfg, lr=1e-3), data_files(str(data))) != name
+    assert _run_directory(replace(cfg, num_workers=2), data_files(str(data))) != name
     write_scenes(tmp_path / "data2", 9, shards=2)
     (data / "part-1.parquet").write_bytes((tmp_path / "data2" / "part-1.parquet").read_bytes())
-    assert _run_directory(cfg, _data_files(str(data))) != name, "new data must not resume an old run"
-    assert _run_directory(replace(cfg, resume=False), _data_files(str(data))) != _run_directory(cfg, _data_files(str(data)))
+    assert _run_directory(cfg, data_files(str(data))) != name, "new data must not resume an old run"
+    assert _run_directory(replace(cfg, resume=False), data_files(str(data))) != _run_directory(cfg, data_files(str(data)))
 
 
 # --------------------------------------------------------------------------- loss history
@@ -329,7 +349,7 @@ def test_too_many_failures_raise(tmp_path, two_node_cluster) -> None:
 
 
 def test_class_names_must_match_the_classifier_and_reach_the_explainer(tmp_path) -> None:
-    from ptame.train import _build_explainer
+    from ptame.train.config import build_explainer
 
     ray_before = ray.is_initialized()
     data = write_scenes(tmp_path / "data", 16, shards=1)
@@ -339,7 +359,7 @@ def test_class_names_must_match_the_classifier_and_reach_the_explainer(tmp_path)
         tiny_config(tmp_path, data, class_names="red,green")
     assert ray.is_initialized() == ray_before
     names = ["red", "green", "blue", "nothing"]
-    assert _build_explainer(tiny_config(tmp_path, data, class_names=names)).class_names == names
+    assert build_explainer(tiny_config(tmp_path, data, class_names=names)).class_names == names
 
 
 # --------------------------------------------------------------------------- data sources, steps (no Ray)
@@ -347,7 +367,7 @@ def test_class_names_must_match_the_classifier_and_reach_the_explainer(tmp_path)
 
 def test_image_folder_glob_and_list_are_prepared_once(tmp_path) -> None:
     """``data`` may be any ``data.source``: images are prepared into Parquet under storage_path, once."""
-    from ptame.train import _data_files, _inspect, _training_data
+    from ptame.train.feed import data_files, inspect_data, training_data
 
     images, _, _ = object_scenes(6, seed=5)
     folder = tmp_path / "my_images"
@@ -358,24 +378,24 @@ def test_image_folder_glob_and_list_are_prepared_once(tmp_path) -> None:
     (tmp_path / "list.txt").write_text("\n".join(str(p) for p in sorted(folder.rglob("*.png"))[:4]))
 
     cfg = tiny_config(tmp_path, folder)
-    prepared = _training_data(cfg)
+    prepared = training_data(cfg)
     assert Path(prepared).parent.parent == tmp_path / "ray_results" / "prepared"
-    rows, names = _inspect(replace(cfg, data=prepared))
+    rows, names = inspect_data(replace(cfg, data=prepared))
     assert rows == 6 and {"image_id", "image"} <= set(names)
-    stamps = _data_files(prepared)
-    assert _training_data(cfg) == prepared and _data_files(prepared) == stamps  # reused: a rerun resumes
-    assert _inspect(replace(cfg, data=_training_data(replace(cfg, data=str(folder / "*.png")))))[0] == 3
-    assert _inspect(replace(cfg, data=_training_data(replace(cfg, data=str(tmp_path / "list.txt")))))[0] == 4
+    stamps = data_files(prepared)
+    assert training_data(cfg) == prepared and data_files(prepared) == stamps  # reused: a rerun resumes
+    assert inspect_data(replace(cfg, data=training_data(replace(cfg, data=str(folder / "*.png")))))[0] == 3
+    assert inspect_data(replace(cfg, data=training_data(replace(cfg, data=str(tmp_path / "list.txt")))))[0] == 4
     parquet = write_scenes(tmp_path / "shards", 4)
-    assert _training_data(replace(cfg, data=str(parquet))) == str(parquet)  # Parquet is read as it is
+    assert training_data(replace(cfg, data=str(parquet))) == str(parquet)  # Parquet is read as it is
     (folder / "img0.png").write_bytes(png(images[1]))  # a changed source is prepared anew
-    assert _training_data(cfg) != prepared
+    assert training_data(cfg) != prepared
     with pytest.raises(ValueError, match=r"prepare_source\("):
-        _training_data(replace(cfg, storage_path="s3://bucket/runs"))
+        training_data(replace(cfg, storage_path="s3://bucket/runs"))
 
 
 def test_log_says_whether_epochs_or_max_steps_limit(tmp_path, caplog) -> None:
-    from ptame.train import _train_total_steps
+    from ptame.train.driver import _train_total_steps
 
     cfg = tiny_config(tmp_path, tmp_path, batch_size=16, epochs=10, max_steps=200)
     with caplog.at_level("INFO", logger="ptame.train"):
