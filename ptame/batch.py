@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from ptame.explanations import MANIFEST, output_filesystem
+from ptame.sources import absolute
 from ptame.jobs import (
     MANIFEST_FORMAT,
     TEMPORARY,
@@ -253,7 +253,7 @@ def _manifest(job: ExplainJob, source: Any, num_inputs: int, num_chunks: int, fi
     return {
         "format": MANIFEST_FORMAT,
         "model_uri": job.model,
-        "input": _absolute(job.input),
+        "input": absolute(job.input),
         "input_kind": source.kind,
         "image_column": job.image_column,
         "id_column": job.id_column,
@@ -351,10 +351,6 @@ def _default_max_pixels() -> int:
     from ptame.data import DEFAULT_MAX_PIXELS  # imports torch: only when a job starts
 
     return DEFAULT_MAX_PIXELS
-
-
-def _absolute(spec: str) -> str:
-    return spec if "://" in spec else os.path.abspath(spec)
 
 
 def _check_classes(classes: int | str | None) -> None:

@@ -13,11 +13,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["ImageSource", "iter_image_bytes", "resolve_source"]
+__all__ = ["ImageSource", "absolute", "iter_image_bytes", "resolve_source"]
 
 logger = logging.getLogger(__name__)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def absolute(spec: str) -> str:
+    """A local path made absolute (``~`` expanded), so that it means the same from any working directory; a URI as is."""
+    import os
+
+    return spec if "://" in spec else os.path.abspath(os.path.expanduser(spec))
 
 
 @dataclass(frozen=True)

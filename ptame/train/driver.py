@@ -23,18 +23,15 @@ import numpy as np
 
 from ptame.models import Preprocessing
 from ptame.precision import choose_precision
+from ptame.sources import absolute
 from ptame.train.checkpoints import finished_checkpoint, save_result
-from ptame.train.config import NOT_FINGERPRINTED, TrainConfig, TrainResult, is_uri, training_preprocessing
+from ptame.train.config import NOT_FINGERPRINTED, TrainConfig, TrainResult, training_preprocessing
 from ptame.train.feed import data_files, fits_cache, inspect_data, training_data, training_images
 from ptame.train.worker import train_loop_per_worker
 
 __all__ = ["train"]
 
 logger = logging.getLogger(__package__)
-
-
-def _absolute(path: str) -> str:
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _resolve_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
@@ -105,7 +102,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     start = time.perf_counter()
     logger.info("precision %s", _expected_precision(config))  # first: a 20x trap must show before anything runs
-    cfg = replace(config, data=_absolute(config.data), storage_path=_absolute(config.storage_path),
+    cfg = replace(config, data=absolute(config.data), storage_path=absolute(config.storage_path),
                   output_dir=str(Path(config.output_dir).expanduser().resolve()))
     _require_shared_storage(cfg)  # on the caller's cluster: before any images are prepared
     cfg = replace(cfg, data=training_data(cfg))
