@@ -242,9 +242,7 @@ def _write_curves(scored: ScoredSets, plots: Path) -> list[Path]:
 
     written = []
     for set_name, result in scored.results.items():
-        for csv_path in write_road_plots(result.curves, plots):
-            if set_name != MAIN:
-                csv_path = csv_path.rename(csv_path.with_name(f"{csv_path.stem}_{set_name}.csv"))
+        for csv_path in write_road_plots(result.curves, plots, suffix=f"_{set_name}" if set_name else ""):
             morf = "morf" in csv_path.stem
             title = f"ROAD {'MoRF' if morf else 'LeRF'} ({'lower' if morf else 'higher'} is better)" + (f", {set_name}" if set_name else "")
             plot_csv(csv_path, csv_path.with_suffix(".png"), "percentage", list(result.curves), title, "removed pixels (%)", "accuracy")
@@ -284,8 +282,8 @@ def write_reports(scored: ScoredSets, paths: ReportPaths, extra: Mapping[str, An
     return record
 
 
-def write_road_plots(curves: Mapping[str, Mapping[str, Mapping[int, float]]], out_dir: str | Path) -> list[Path]:
-    """``road_morf.csv`` and ``road_lerf.csv``: ``percentage`` and one accuracy column per method.
+def write_road_plots(curves: Mapping[str, Mapping[str, Mapping[int, float]]], out_dir: str | Path, suffix: str = "") -> list[Path]:
+    """``road_morf{suffix}.csv`` and ``road_lerf{suffix}.csv``: ``percentage`` and one accuracy column per method.
 
     The curves include the fixed end points ``(0, 1)`` and ``(100, 0)`` that the area uses.
     """
@@ -295,7 +293,7 @@ def write_road_plots(curves: Mapping[str, Mapping[str, Mapping[int, float]]], ou
     methods = list(curves)
     for order in ("MoRF", "LeRF"):
         percentages = sorted({p for m in methods for p in curves[m][order]})
-        path = out / f"road_{order.lower()}.csv"
+        path = out / f"road_{order.lower()}{suffix}.csv"
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["percentage", *methods])
