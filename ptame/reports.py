@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptame.evaluate import EvalSet, Evaluation, evaluate
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ptame.evaluate import EvalSet, Evaluation, evaluate
 from ptame.explainer import Explainer
 from ptame.measures import HEADLINE, MEASURES
 
@@ -122,7 +122,7 @@ def combined_fingerprint(results: Mapping[str, Evaluation]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequence[str]) -> list[int | None] | None:
+def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequence[str]) -> list[int | None] | int | None:
     """Each input's class to explain (``None``: the prediction): one class for all, or a Parquet column's values."""
     from ptame.classes import resolve_class
 
@@ -140,7 +140,7 @@ def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequenc
                 f.seek(0)
                 values += [None if v is None else resolve_class(v, class_names) for v in pq.read_table(f, columns=[classes]).column(0).to_pylist()]
         return values
-    return [resolve_class(classes, class_names)] * len(source) if source.kind == "files" else [resolve_class(classes, class_names)]
+    return resolve_class(classes, class_names)  # one class for every image
 
 
 def load_image_set(
@@ -177,7 +177,7 @@ def load_image_set(
         originals.append(pil)
         boxes.append(box)
         digests.append(hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
-        chosen.append(None if wanted is None else wanted[min(row, len(wanted) - 1)])
+        chosen.append(wanted[row] if isinstance(wanted, list) else wanted)
     if not ids:
         raise ValueError(f"{spec}: no readable image ({len(skipped)} left out); see the warnings above")
     images = torch.stack(tensors)
@@ -259,14 +259,14 @@ def write_reports(scored: ScoredSets, paths: ReportPaths, extra: Mapping[str, An
     metrics, differences = merged(scored)
     paths.metrics.write_text(json.dumps(metrics, indent=2))
     paths.differences.write_text(json.dumps(differences, indent=2))
-    main = next(iter(scored.results.values()))
+    first = next(iter(scored.results))  # the main set when it was scored
     record = {
         "fingerprint": combined_fingerprint(scored.results),
-        "n": len(scored.sets[next(iter(scored.results))].image_ids),
-        "image_ids": scored.sets[next(iter(scored.results))].image_ids,
+        "n": len(scored.sets[first].image_ids),
+        "image_ids": scored.sets[first].image_ids,
         "sets": {name or "main": {"n": len(s.image_ids), "image_ids": s.image_ids, "fingerprint": scored.results[name].fingerprint}
                  for name, s in scored.sets.items()},  # fmt: skip
-        "settings": main.settings,
+        "settings": scored.results[first].settings,
         "skipped": scored.skipped,
         "seconds": round(scored.seconds, 1),
         **dict(extra or {}),
