@@ -1,9 +1,10 @@
 """DVC stage ``maps``: the trained head (``models/head``) with the explain-time map settings -> ``models/explainer``.
 
 The fields of :class:`ptame.maps.MapSettings` (``model.smoothing``, ``model.cam_weight``,
-``model.activity_weight``) change how maps are made from the trained head, not what the head
-learns: this stage applies them in seconds, so changing one re-runs evaluation and what follows,
-never training.
+``model.activity_weight``) say how maps are made from the trained head. With ``train.loss.maps:
+explained`` (the default) the head is trained on those maps, so ``train`` reads them too and a change
+retrains; with ``head`` (the paper) this stage alone would need to rerun, but DVC cannot tell the two
+apart and retrains either way.
 """
 
 import logging
@@ -17,14 +18,11 @@ OUT = "models/explainer"
 
 
 def run(params) -> None:
-    from dataclasses import fields
-
     from ptame.explainer import Explainer
-    from ptame.maps import MapSettings
+    from ptame.params import map_settings
 
     explainer = Explainer.load(HEAD)
-    # a setting missing from params.yaml keeps its default (0: the paper's maps)
-    explainer.set_maps(MapSettings(**{f.name: float(params.get(f"model.{f.name}", f.default)) for f in fields(MapSettings)}))
+    explainer.set_maps(map_settings(params))
     explainer.save(OUT, extra=explainer.saved_extra)
     logger.info("%s: map settings %s", OUT, explainer.maps.describe())
 

@@ -1,7 +1,7 @@
 """DVC stage ``train``: Ray Train on ``data/prepared/train`` -> the trained explainer in ``models/head``.
 
-The explain-time map settings (``model.smoothing``, ``cam_weight``, ``activity_weight``) are not read
-here: the ``maps`` stage applies them, so changing one never retrains.
+The explain-time map settings (``model.smoothing``, ``cam_weight``, ``activity_weight``) are read here
+because, with ``train.loss.maps: explained``, the head is trained on the maps they make.
 
 Writes the loss terms per step to ``reports/plots/train_loss.csv`` (a DVC plot; also drawn as
 ``train_loss.png``, which ``dvc plots show`` renders offline) and a summary to
@@ -30,7 +30,7 @@ TRAIN_KEYS = (
 
 def run(params) -> None:
     from ptame.classes import read_class_names
-    from ptame.params import check_class_names_file
+    from ptame.params import check_class_names_file, map_settings
     from ptame.train import LOSS_TERMS, TrainConfig, train
     from ptame.viz import plot_csv
 
@@ -50,6 +50,7 @@ def run(params) -> None:
         lr=float(t["lr"]),  # YAML 1.1 reads "1e-4" as a string
         weight_decay=float(t["weight_decay"]),
         cam_scale=float(t["cam_scale"]),
+        maps=map_settings(params),
         loss={k: v if isinstance(v, (str, list)) else float(v) for k, v in t["loss"].to_dict().items()},
         **{key: t[key] for key in TRAIN_KEYS},
     )

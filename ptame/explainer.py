@@ -139,7 +139,7 @@ class Explainer(nn.Module):
         head: the attention head (a fresh one sized from the auxiliary when ``None``).
         loss_weights: loss weights for :meth:`training_step`.
         maps: how :meth:`explain` makes maps from the head's logits (default: the paper's); training
-            never reads them.
+            reads them only with ``loss_weights.maps == "explained"``.
     """
 
     def __init__(
@@ -329,16 +329,19 @@ class Explainer(nn.Module):
         logits, features = self.logits_and_features(images)
         targets = logits.argmax(1)
         rows = torch.arange(images.shape[0], device=images.device)
+        w = self.loss_weights
         if gather_classes:
             present, index = torch.unique(targets, return_inverse=True)
-            maps = torch.sigmoid(self.head(features, present))  # (B, n, h, w)
-            batch_maps = maps[:, index]
-            masks = maps[rows, index]
         else:
-            maps = torch.sigmoid(self.head(features))  # (B, K, h, w)
-            batch_maps = maps[:, targets]
-            masks = maps[rows, targets]
-        w = self.loss_weights
+            present, index = torch.arange(logits.shape[1], device=images.device), targets
+        if w.maps == "explained":
+            chosen = present.expand(images.shape[0], -1)
+            maps = torch.sigmoid(self._map_logits(features, chosen, logits.softmax(1)))
+            masks = minmax_normalize(maps[rows, index])
+        else:
+            maps = torch.sigmoid(self.head(features, present if gather_classes else None))  # (B, n, h, w)
+            masks = maps[rows, index]
+        batch_maps = maps[:, index]
         fill = self._fill(images)
 
         def upsample(share: Tensor) -> Tensor:

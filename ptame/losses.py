@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = ["FILLS", "LossWeights", "area_loss", "deletion_loss", "share_masks", "tv_loss", "ptame_loss"]
 
 FILLS = ("black", "blur")
+TRAINED_MAPS = ("head", "explained")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class LossWeights:
             top of the map alone must keep the class (what AD@15 asks).
         delete_shares: alike for the deletion term: ``s < 1`` removes the map's top share ``s``
             (what ROAD's MoRF@10 asks: the top tenth must be essential).
+        maps: the maps the loss sees: ``"head"`` the head's sigmoid maps (the paper), or
+            ``"explained"`` the maps :meth:`~ptame.explainer.Explainer.explain` returns (the map
+            settings' terms and smoothing added to the head's logits; min-max for the masks), so
+            the head learns what the judged maps lack rather than what the map terms already give.
         share_sharpness: the soft top-share mask is ``sigmoid(sharpness * (M - q) / (max M - min M))``
             around the share's quantile ``q`` of each map.
     """
@@ -48,6 +53,7 @@ class LossWeights:
     keep_shares: Sequence[float] = (1.0,)
     delete_shares: Sequence[float] = (1.0,)
     share_sharpness: float = 20.0
+    maps: str = "head"
 
     def __post_init__(self) -> None:
         for name in ("keep_shares", "delete_shares"):
@@ -57,6 +63,8 @@ class LossWeights:
             object.__setattr__(self, name, shares)
         if not self.share_sharpness > 0:
             raise ValueError(f"share_sharpness must be > 0, got {self.share_sharpness}")
+        if self.maps not in TRAINED_MAPS:
+            raise ValueError(f"loss maps must be one of {TRAINED_MAPS}, got {self.maps!r}")
         if self.fill not in FILLS:
             raise ValueError(f"loss fill must be one of {FILLS}, got {self.fill!r}")
         for name in ("ce", "area", "tv", "tv_border", "deletion"):

@@ -1,4 +1,4 @@
-"""How :meth:`ptame.explainer.Explainer.explain` turns the head's logits into maps: settings training never reads.
+"""How :meth:`ptame.explainer.Explainer.explain` turns the head's logits into maps (and training, with ``loss.maps: explained``).
 
 One frozen :class:`MapSettings` travels from ``params.yaml`` (``model.<field>``), through
 :class:`~ptame.train.TrainConfig` and the DVC ``maps`` stage, into the saved explainer's

@@ -66,6 +66,11 @@ KNOWN_KEYS: dict[str, Any] = {
 CLASS_NAMES_DIR = "classes"
 
 
+def map_settings(params: "Params") -> MapSettings:
+    """The explain-time :class:`MapSettings` from ``model.<field>`` (a missing one keeps its default, 0: the paper's maps)."""
+    return MapSettings(**{f.name: float(params.get(f"model.{f.name}", f.default)) for f in fields(MapSettings)})
+
+
 def check_class_names_file(value: Any, root: str | Path = ".") -> None:
     """Refuse a ``model.class_names`` file outside ``<root>/classes/``: DVC would not rerun train when it changes."""
     if not isinstance(value, (str, Path)):

@@ -12,8 +12,9 @@ from ptame.maps import MapSettings
 from ptame.models import Classifier, Preprocessing
 
 
-def test_gathered_training_step_equals_all_maps(tiny_explainer: Explainer) -> None:
-    tiny_explainer.loss_weights = LossWeights(ce=0.3, area=0.6, tv=0.1)
+@pytest.mark.parametrize("maps", ["head", "explained"])
+def test_gathered_training_step_equals_all_maps(tiny_explainer: Explainer, maps: str) -> None:
+    tiny_explainer.loss_weights = LossWeights(ce=0.3, area=0.6, tv=0.1, maps=maps)
     tiny_explainer.head.eval()  # same BN statistics in both passes
     images = torch.rand(6, 3, 64, 64)
     gathered = tiny_explainer.training_step(images, gather_classes=True)
@@ -312,6 +313,34 @@ def test_set_maps_changes_the_maps_not_the_head_and_keeps_the_saved_extra(tmp_pa
         again.set_maps(MapSettings(cam_weight=-0.5))
     with pytest.raises(TypeError, match="maps must be a MapSettings"):
         again.set_maps({"cam_weight": 0.5})  # type: ignore[arg-type]
+
+
+def test_explained_training_masks_with_the_maps_explain_returns() -> None:
+    """``loss.maps: explained``: the training mask is exactly the judged map (map terms, blur, min-max)."""
+    import torch.nn.functional as F
+
+    maps = MapSettings(smoothing=1.0, cam_weight=0.5, activity_weight=1.0)
+    explainer = Explainer.from_uris(TINY_BACKBONE, "backbone", preprocessing=TINY_PREP, maps=maps)
+    explainer.init_head_from_classifier(scale=0.5)
+    explainer.head.eval()  # the same BN statistics as explain()
+    images = torch.rand(4, 3, 64, 64)
+    saliency = explainer.explain(images).saliency  # (4, 1, 16, 16), the predicted class
+    kept = F.interpolate(saliency, size=(64, 64), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        targets = explainer.backbone(images).argmax(1)
+        expected = F.cross_entropy(explainer.backbone(images * kept), targets)
+    ce = {}
+    for source in ("explained", "head"):
+        explainer.loss_weights = LossWeights(ce=1.0, area=0.5, maps=source)
+        out = explainer.training_step(images)
+        out["loss"].backward()
+        assert explainer.head.fuser.weight.grad.abs().sum() > 0  # the head learns through the map terms
+        explainer.head.zero_grad()
+        ce[source] = out["ce"]
+    torch.testing.assert_close(ce["explained"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ce["head"], expected, rtol=1e-3, atol=1e-4)  # the paper's mask is another one
+    with pytest.raises(ValueError, match="loss maps must be one of"):
+        LossWeights(maps="judged")
 
 
 def test_cam_weight_adds_the_backbones_class_activation_maps(tmp_path) -> None:

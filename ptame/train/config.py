@@ -24,7 +24,7 @@ NOT_FINGERPRINTED = {
     "output_dir", "use_gpu", "storage_path", "run_name", "checkpoint_every", "max_failures",
     "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy", "cache_gb",
     "amp",  # numerics only: a run resumed on other hardware may change precision
-    "maps",  # explain-time map settings: applied when saving, never trained
+    "maps",  # explain-time map settings: applied when saving; trained on only with loss maps "explained"
 }
 
 
@@ -81,7 +81,7 @@ class TrainConfig:
             :meth:`~ptame.explainer.Explainer.init_head_from_classifier`).
         cam_scale: scale of the classifier weights in the ``"cam"`` initialisation.
         maps: the saved explainer's :class:`~ptame.maps.MapSettings` (or a dict of its fields);
-            does not change training.
+            trained on with ``loss["maps"] == "explained"``.
         cache_gb: decoded training images are kept in each worker's memory (decoded once, then
             cropped per step) when its shard fits in this many GiB; otherwise Ray Data streams
             and decodes them again every epoch.
