@@ -152,9 +152,10 @@ def test_dvc_repro_end_to_end(repro) -> None:
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
 
-    # a map setting re-runs maps and what follows, never train; a change to how maps are made re-runs evaluate
-    # (dvc status names the stages whose own deps changed; the ones below them follow when those run)
-    assert _changed(project, env, lambda p: p["model"].update(smoothing=p["model"]["smoothing"] + 1)) == {"maps"}
+    # a map setting re-runs train (the head learns on the explained maps) and maps; a change to how maps are
+    # made re-runs evaluate (dvc status names the stages whose own deps changed; the ones below them follow)
+    assert _changed(project, env, lambda p: p["model"].update(smoothing=p["model"]["smoothing"] + 1)) == {"train", "maps"}
+    assert _changed(project, env, lambda p: p["evaluate"].update(seed=p["evaluate"]["seed"] + 1)) == {"evaluate"}
     assert {"train", "maps", "evaluate", "explain"} <= _changed(project, env, code="ptame/explainer.py")
 
 
