@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FILLS", "LossWeights", "area_loss", "deletion_loss", "share_masks", "tv_loss", "ptame_loss"]
+__all__ = ["FILLS", "TRAINED_MAPS", "LossWeights", "area_loss", "deletion_loss", "share_masks", "tv_loss", "ptame_loss"]
 
 FILLS = ("black", "blur")
 TRAINED_MAPS = ("head", "explained")
