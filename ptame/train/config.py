@@ -24,7 +24,6 @@ NOT_FINGERPRINTED = {
     "output_dir", "use_gpu", "storage_path", "run_name", "checkpoint_every", "max_failures",
     "ray_address", "log_every", "fail_at_step", "resume", "cpus_per_worker", "placement_strategy", "cache_gb",
     "amp",  # numerics only: a run resumed on other hardware may change precision
-    "maps",  # explain-time map settings: applied when saving; trained on only with loss maps "explained"
 }
 
 

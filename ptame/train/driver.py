@@ -56,8 +56,7 @@ def _resolve_preprocessing(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _fingerprint(cfg: TrainConfig, files: list[tuple[str, int, int]]) -> str:
-    learned = NOT_FINGERPRINTED - ({"maps"} if cfg.loss.get("maps") == "explained" else set())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in learned}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     blob = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
