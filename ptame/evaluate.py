@@ -63,6 +63,7 @@ __all__ = [
     "evaluate",
     "log_precision",
     "fingerprint",
+    "grid_tensor",
     "load_eval_set",
     "paired_differences",
 ]
@@ -143,12 +144,16 @@ def load_eval_set(
     images = torch.stack(tensors)
     with torch.inference_mode():
         targets = torch.cat([backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
-    grid = None
-    if all(c is not None and len(c) == 4 for c in cells):
-        grid = torch.tensor(cells, dtype=torch.long)
-    elif any(c is not None for c in cells):
-        logger.warning("only some evaluation rows have grid_classes; the grid pointing game is skipped")
-    return EvalSet(ids, images, targets, originals, boxes, grid, tuple(digests))
+    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(cells), tuple(digests))
+
+
+def grid_tensor(cells: Sequence[Sequence[int] | None]) -> Tensor | None:
+    """Each row's four ``grid_classes`` as ``(N, 4)`` for the grid pointing game, or ``None`` unless every row has them."""
+    if cells and all(c is not None and len(c) == 4 for c in cells):
+        return torch.tensor(cells, dtype=torch.long)
+    if any(c is not None for c in cells):
+        logger.warning("only some evaluation rows have 4 grid_classes; the grid pointing game is skipped")
+    return None
 
 
 def fingerprint(evalset: EvalSet, settings: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ptame.evaluate import EvalSet, Evaluation, evaluate
+from ptame.evaluate import EvalSet, Evaluation, evaluate, grid_tensor
 from ptame.explainer import Explainer
 from ptame.measures import HEADLINE, MEASURES
 
@@ -122,6 +122,22 @@ def combined_fingerprint(results: Mapping[str, Evaluation]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
+def _parquet_column(source: Any, column: str) -> list[Any] | None:
+    """The values of ``column`` over a Parquet source's rows, in input order (``None``: not Parquet, or no such column)."""
+    if source.kind != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    values: list[Any] = []
+    for path in source.paths:
+        with source.filesystem.open(path, "rb") as f:
+            if column not in pq.ParquetFile(f).schema_arrow.names:
+                return None
+            f.seek(0)
+            values += pq.read_table(f, columns=[column]).column(0).to_pylist()
+    return values
+
+
 def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequence[str]) -> list[int | None] | int | None:
     """Each input's class to explain (``None``: the prediction): one class for all, or a Parquet column's values."""
     from ptame.classes import resolve_class
@@ -129,17 +145,14 @@ def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequenc
     if classes is None:
         return None
     if isinstance(classes, str) and source.kind == "parquet" and not classes.lstrip("-").isdigit():
-        import pyarrow.parquet as pq
+        values = _parquet_column(source, classes)
+        if values is None:
+            import pyarrow.parquet as pq
 
-        values: list[int | None] = []
-        for path in source.paths:
-            with source.filesystem.open(path, "rb") as f:
+            with source.filesystem.open(source.paths[0], "rb") as f:
                 names = pq.ParquetFile(f).schema_arrow.names
-                if classes not in names:
-                    raise ValueError(f"{path} has no column {classes!r} (columns: {names}); --classes names a column or a class")
-                f.seek(0)
-                values += [None if v is None else resolve_class(v, class_names) for v in pq.read_table(f, columns=[classes]).column(0).to_pylist()]
-        return values
+            raise ValueError(f"the Parquet input has no column {classes!r} in every file (columns: {names}); --classes names a column or a class")
+        return [None if v is None else resolve_class(v, class_names) for v in values]
     return resolve_class(classes, class_names)  # one class for every image
 
 
@@ -158,7 +171,8 @@ def load_image_set(
 
     source = resolve_source(spec)
     wanted = _wanted_classes(source, classes, explainer.class_names)
-    ids, tensors, originals, boxes, digests, chosen, skipped = [], [], [], [], [], [], []
+    grids = _parquet_column(source, "grid_classes")  # 2 x 2 grids with known cells, e.g. the pipeline's: GridPG
+    ids, tensors, originals, boxes, digests, chosen, cells, skipped = [], [], [], [], [], [], [], []
     for row, (image_id, data, error) in enumerate(iter_image_bytes(source)):
         if max_images is not None and len(ids) >= max_images:
             break
@@ -178,13 +192,14 @@ def load_image_set(
         boxes.append(box)
         digests.append(hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
         chosen.append(wanted[row] if isinstance(wanted, list) else wanted)
+        cells.append(grids[row] if grids is not None else None)
     if not ids:
         raise ValueError(f"{spec}: no readable image ({len(skipped)} left out); see the warnings above")
     images = torch.stack(tensors)
     with torch.inference_mode():
         predicted = torch.cat([explainer.backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
     targets = torch.tensor([int(p) if c is None else c for p, c in zip(predicted.tolist(), chosen)], dtype=torch.long)
-    return EvalSet(ids, images, targets, originals, boxes, None, tuple(digests)), skipped
+    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(cells), tuple(digests)), skipped
 
 
 def score_sets(

@@ -109,6 +109,14 @@ def test_load_eval_set_skips_bad_rows_and_reads_cells(tiny_explainer, tmp_path) 
     assert evalset.grid_classes.tolist() == [[0, 1, 2, 3], [3, 2, 1, 0]]
     assert evalset.crop_boxes[0] == (8, 0, 72, 64)  # centre crop of an 80 x 64 image
     assert evalset.targets.tolist() == tiny_explainer.backbone(evalset.images).argmax(1).tolist()
+    # `ptame evaluate` reads the same shards alike, grid cells (hence GridPG) included, the bad row left out
+    from ptame.reports import load_image_set
+
+    same, skipped = load_image_set(str(tmp_path / "eval" / "*.parquet"), tiny_explainer)
+    assert same.image_ids == evalset.image_ids and same.digests == evalset.digests
+    assert same.grid_classes.tolist() == evalset.grid_classes.tolist()
+    torch.testing.assert_close(same.images, evalset.images)
+    assert [s["image_id"] for s in skipped] == ["bad"]
 
 
 def test_plots_and_gallery_files(tiny_explainer, tmp_path) -> None:

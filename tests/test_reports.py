@@ -101,7 +101,7 @@ def test_ptame_evaluate_cli_on_a_folder(tmp_path) -> None:
         scene.rotate(180 * i).save(images / f"scene{i}.png")
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
-    code = main(["evaluate", "--model", str(model), "--input", str(images), "--methods", "cam,gradcam",
+    code = main(["evaluate", "--model", str(model), "--input", str(images),  # default methods: ptame, cam, gradcam
                  "--classes", "0", "--output", str(out), "--resamples", "50", "--batch-size", "2"])  # fmt: skip
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -121,3 +121,11 @@ def test_ptame_evaluate_cli_on_a_folder(tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_:  # argparse: a usage error, exit code 2, naming the choices
         main(["evaluate", "--model", str(model), "--input", str(images), "--methods", "nope", "--output", str(out)])
     assert exit_.value.code == 2
+
+
+def test_evaluate_scores_the_untrained_start_by_default_where_there_is_one(tiny_explainer) -> None:
+    """``cam`` is a default peer of an explainer that reads its backbone; one with a second auxiliary network has none."""
+    from ptame.commands.evaluate import default_methods
+
+    assert default_methods(red_explainer()) == ["ptame", "cam", "gradcam"]
+    assert default_methods(tiny_explainer) == ["ptame", "gradcam"]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEFAULT_METHODS", "METHOD_OPTIONS", "add_arguments", "main"]
+if TYPE_CHECKING:
+    from ptame.explainer import Explainer
+
+__all__ = ["DEFAULT_METHODS", "METHOD_OPTIONS", "add_arguments", "default_methods", "main"]
 
 logger = logging.getLogger("ptame.evaluate")
 
-DEFAULT_METHODS = "ptame,gradcam"
+DEFAULT_METHODS = "ptame,cam,gradcam"
 
 #: options each method gets here (as ``params.yaml``'s ``evaluate.methods``): RISE is scored on its first images only
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"rise": {"num_masks": 1000, "max_images": 8, "batch_size": 16, "seed": 0, "amp": "auto"}}
@@ -38,13 +41,26 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def default_methods(explainer: Explainer) -> list[str]:
+    """:data:`DEFAULT_METHODS`, less ``cam`` where the explainer has no CAM to start from (a separate auxiliary)."""
+    names = _methods(DEFAULT_METHODS)
+    try:
+        explainer.starting_point()
+    except ValueError as err:
+        logger.info("not scoring cam (the head's untrained start): %s", err)
+        names.remove("cam")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved explainer directory (models/explainer) or a registry URI, e.g. models:/ptame-efficientnet-lite2@champion")
-    parser.add_argument("--input", required=True, help="images: a folder (recursive), a glob, a .txt list of paths, or Parquet with an 'image' column")
+    parser.add_argument("--input", required=True, help="images: a folder (recursive), a glob, a .txt list of paths, or Parquet with an 'image' column "
+                        "(and 'grid_classes', four cell classes per 2 x 2 grid: GridPG is scored too)")
     parser.add_argument("--output", required=True, help="folder for metrics.json, differences.json, evaluation.json, per_image.parquet and the ROAD curves")
-    parser.add_argument("--methods", type=_methods, default=_methods(DEFAULT_METHODS),
-                        help=f"comma-separated methods to score (default {DEFAULT_METHODS}; also cam: the head's untrained start, "
-                             "gradcampp, scorecam, rise: 1000 masks on the first 8 images); ptame is always included")  # fmt: skip
+    parser.add_argument("--methods", type=_methods, default=None,
+                        help=f"comma-separated methods to score (default {DEFAULT_METHODS}, cam being the head's untrained "
+                             "start: what the training adds, left out where the explainer has no CAM; also gradcampp, "
+                             "scorecam, rise: 1000 masks on the first 8 images); ptame is always included")  # fmt: skip
     parser.add_argument("--classes", type=_class_option, default=None,
                         help="the class each map explains: an index, a label, -1 (the prediction, default), or a Parquet column")  # fmt: skip
     parser.add_argument("--max-images", type=int, default=None, help="score the first N readable images only (default: all)")
@@ -63,9 +79,10 @@ def main(args: argparse.Namespace) -> int:
     if str(args.model).startswith("models:/"):
         connect(args.tracking_uri)
     loaded = load_explainer(args.model)
+    names = args.methods or default_methods(loaded.explainer)
     evalset, skipped = load_image_set(args.input, loaded.explainer, args.classes, args.max_images, args.batch_size)
-    logger.info("%d images from %s (%d left out), methods %s", len(evalset.image_ids), args.input, len(skipped), ", ".join(args.methods))
-    methods = {m: dict(METHOD_OPTIONS.get(m, {})) for m in args.methods}
+    logger.info("%d images from %s (%d left out), methods %s", len(evalset.image_ids), args.input, len(skipped), ", ".join(names))
+    methods = {m: dict(METHOD_OPTIONS.get(m, {})) for m in names}
     settings = ScoringSettings(resamples=args.resamples, batch_size=args.batch_size)
     scored = score_sets(loaded.explainer, {"": evalset}, methods, settings, skipped)
     write_reports(scored, ReportPaths.under(args.output), extra={"model": loaded.model_uri, "input": args.input})
