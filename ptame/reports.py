@@ -122,8 +122,12 @@ def combined_fingerprint(results: Mapping[str, Evaluation]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def _parquet_column(source: Any, column: str) -> list[Any] | None:
-    """The values of ``column`` over a Parquet source's rows, in input order (``None``: not Parquet, or no such column)."""
+def _parquet_column(source: Any, column: str, required: str = "") -> list[Any] | None:
+    """The values of ``column`` over a Parquet source's rows, in input order.
+
+    ``None`` when the source is not Parquet or a file lacks the column; with ``required`` (what the
+    column is for), a missing column is an error naming the file and its columns instead.
+    """
     if source.kind != "parquet":
         return None
     import pyarrow.parquet as pq
@@ -131,7 +135,10 @@ def _parquet_column(source: Any, column: str) -> list[Any] | None:
     values: list[Any] = []
     for path in source.paths:
         with source.filesystem.open(path, "rb") as f:
-            if column not in pq.ParquetFile(f).schema_arrow.names:
+            names = pq.ParquetFile(f).schema_arrow.names
+            if column not in names:
+                if required:
+                    raise ValueError(f"{path} has no column {column!r} (columns: {names}); {required}")
                 return None
             f.seek(0)
             values += pq.read_table(f, columns=[column]).column(0).to_pylist()
@@ -145,14 +152,8 @@ def _wanted_classes(source: Any, classes: int | str | None, class_names: Sequenc
     if classes is None:
         return None
     if isinstance(classes, str) and source.kind == "parquet" and not classes.lstrip("-").isdigit():
-        values = _parquet_column(source, classes)
-        if values is None:
-            import pyarrow.parquet as pq
-
-            with source.filesystem.open(source.paths[0], "rb") as f:
-                names = pq.ParquetFile(f).schema_arrow.names
-            raise ValueError(f"the Parquet input has no column {classes!r} in every file (columns: {names}); --classes names a column or a class")
-        return [None if v is None else resolve_class(v, class_names) for v in values]
+        values = _parquet_column(source, classes, required="--classes names a column or a class")
+        return [None if v is None else resolve_class(v, class_names) for v in values or []]
     return resolve_class(classes, class_names)  # one class for every image
 
 
