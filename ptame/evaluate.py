@@ -39,8 +39,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ __all__ = [
     "EvalSet",
     "Evaluation",
     "bootstrap_intervals",
+    "decode_eval_rows",
     "evaluate",
     "log_precision",
     "fingerprint",
@@ -121,30 +123,55 @@ def load_eval_set(
     from ptame.prepare import read_prepared
 
     table = read_prepared(path, columns=["image_id", "image", "grid_classes"])
-    ids, tensors, originals, boxes, cells, digests = [], [], [], [], [], []
-    for row in table.to_pylist():
+    rows = zip(table.column("image_id").to_pylist(), table.column("image").to_pylist(), repeat(None))
+    evalset, _ = decode_eval_rows(rows, backbone, table.column("grid_classes").to_pylist(), None, max_images, batch_size)
+    if not evalset.image_ids and not allow_empty:
+        raise ValueError(f"no readable evaluation image in {path}; check the prepare stage's report")
+    return evalset
+
+
+def decode_eval_rows(
+    rows: Iterable[tuple[str, bytes | None, str | None]],
+    backbone: Classifier,
+    cells: Sequence[Sequence[int] | None] | None = None,
+    classes: Sequence[int | None] | int | None = None,
+    max_images: int | None = None,
+    batch_size: int = 16,
+) -> tuple[EvalSet, list[dict[str, str]]]:
+    """``(image_id, bytes, error)`` rows as an :class:`EvalSet`, and the rows left out with their reason.
+
+    The one loader behind the evaluate stage and ``ptame evaluate``. Row ``i`` keeps ``cells[i]``
+    (its 2 x 2 grid classes) and is explained for ``classes[i]`` (or ``classes`` for every row;
+    ``None``: the backbone's prediction). A row that cannot be read or decoded is logged, never fatal.
+    """
+    ids, tensors, originals, boxes, digests, chosen, kept_cells, skipped = [], [], [], [], [], [], [], []
+    for row, (image_id, data, error) in enumerate(rows):
         if max_images is not None and len(ids) >= max_images:
             break
-        try:
-            pil = decode_image(row["image"])
-        except ImageDecodeError as e:
-            logger.warning("evaluation image %s skipped: %s", row["image_id"], e)
+        if error is None:
+            try:
+                pil = decode_image(data or b"")
+            except ImageDecodeError as e:
+                error = str(e)
+        if error is not None:
+            logger.warning("%s left out: %s", image_id, error)
+            skipped.append({"image_id": image_id, "error": error})
             continue
         tensor, box = preprocess(pil, backbone.preprocessing)
-        digests.append(hashlib.sha256(row["image"]).hexdigest())
-        ids.append(row["image_id"])
+        ids.append(image_id)
         tensors.append(tensor)
         originals.append(pil)
         boxes.append(box)
-        cells.append(row["grid_classes"])
+        digests.append(hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+        chosen.append(classes[row] if isinstance(classes, Sequence) else classes)
+        kept_cells.append(cells[row] if cells is not None else None)
     if not ids:
-        if allow_empty:
-            return EvalSet([], torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), [], [])
-        raise ValueError(f"no readable evaluation image in {path}; check the prepare stage's report")
+        return EvalSet([], torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), [], []), skipped
     images = torch.stack(tensors)
     with torch.inference_mode():
-        targets = torch.cat([backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
-    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(cells), tuple(digests))
+        predicted = torch.cat([backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
+    targets = torch.tensor([int(p) if c is None else c for p, c in zip(predicted.tolist(), chosen)], dtype=torch.long)
+    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(kept_cells), tuple(digests)), skipped
 
 
 def grid_tensor(cells: Sequence[Sequence[int] | None]) -> Tensor | None:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ptame.evaluate import EvalSet, Evaluation, evaluate, grid_tensor
+from ptame.evaluate import EvalSet, Evaluation, decode_eval_rows, evaluate
 from ptame.explainer import Explainer
 from ptame.measures import HEADLINE, MEASURES
 
@@ -165,42 +165,15 @@ def load_image_set(
     Each image is explained for ``classes`` (an index, a label, ``-1``/``None``: the prediction, or
     a Parquet column); an unreadable input is left out and returned with its reason, never fatal.
     """
-    import torch
-
-    from ptame.data import ImageDecodeError, decode_image, preprocess
     from ptame.sources import iter_image_bytes, resolve_source
 
     source = resolve_source(spec)
     wanted = _wanted_classes(source, classes, explainer.class_names)
     grids = _parquet_column(source, "grid_classes")  # 2 x 2 grids with known cells, e.g. the pipeline's: GridPG
-    ids, tensors, originals, boxes, digests, chosen, cells, skipped = [], [], [], [], [], [], [], []
-    for row, (image_id, data, error) in enumerate(iter_image_bytes(source)):
-        if max_images is not None and len(ids) >= max_images:
-            break
-        if error is None:
-            try:
-                pil = decode_image(data or b"")
-            except ImageDecodeError as e:
-                error = str(e)
-        if error is not None:
-            logger.warning("%s left out: %s", image_id, error)
-            skipped.append({"image_id": image_id, "error": error})
-            continue
-        tensor, box = preprocess(pil, explainer.preprocessing)
-        ids.append(image_id)
-        tensors.append(tensor)
-        originals.append(pil)
-        boxes.append(box)
-        digests.append(hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
-        chosen.append(wanted[row] if isinstance(wanted, list) else wanted)
-        cells.append(grids[row] if grids is not None else None)
-    if not ids:
+    evalset, skipped = decode_eval_rows(iter_image_bytes(source), explainer.backbone, grids, wanted, max_images, batch_size)
+    if not evalset.image_ids:
         raise ValueError(f"{spec}: no readable image ({len(skipped)} left out); see the warnings above")
-    images = torch.stack(tensors)
-    with torch.inference_mode():
-        predicted = torch.cat([explainer.backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
-    targets = torch.tensor([int(p) if c is None else c for p, c in zip(predicted.tolist(), chosen)], dtype=torch.long)
-    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(cells), tuple(digests)), skipped
+    return evalset, skipped
 
 
 def score_sets(
