@@ -119,6 +119,29 @@ def test_load_eval_set_skips_bad_rows_and_reads_cells(tiny_explainer, tmp_path) 
     assert [s["image_id"] for s in skipped] == ["bad"]
 
 
+def test_load_image_set_reads_each_rows_class_past_a_bad_row(tiny_explainer, tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(c):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), c).save(buf, format="PNG")
+        return buf.getvalue()
+
+    table = pa.table({
+        "image_id": ["a", "bad", "c", "d"],
+        "image": [png((255, 0, 0)), b"not an image", png((0, 0, 255)), png((0, 255, 0))],
+        "target": ["2", "1", None, "0"],  # the bad row's class must not shift the later rows' classes
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "rows.parquet")
+    from ptame.reports import load_image_set
+
+    evalset, skipped = load_image_set(str(tmp_path / "rows.parquet"), tiny_explainer, classes="target")
+    assert evalset.image_ids == ["a", "c", "d"] and [s["image_id"] for s in skipped] == ["bad"]
+    predicted = int(tiny_explainer.backbone(evalset.images[1:2]).argmax(1))
+    assert evalset.targets.tolist() == [2, predicted, 0]  # no class given: the prediction is explained
+
+
 def test_plots_and_gallery_files(tiny_explainer, tmp_path) -> None:
     curves = {"ptame": {"MoRF": {10: 0.5, 50: 0.25}, "LeRF": {10: 1.0, 50: 0.75}}, "gradcam": {"MoRF": {10: 0.4, 50: 0.2}, "LeRF": {10: 0.9, 50: 0.5}}}
     paths = write_road_plots(curves, tmp_path)
