@@ -65,7 +65,6 @@ __all__ = [
     "evaluate",
     "log_precision",
     "fingerprint",
-    "grid_tensor",
     "load_eval_set",
     "paired_differences",
 ]
@@ -171,10 +170,10 @@ def decode_eval_rows(
     with torch.inference_mode():
         predicted = torch.cat([backbone(images[i : i + batch_size]).argmax(1) for i in range(0, len(ids), batch_size)])
     targets = torch.tensor([int(p) if c is None else c for p, c in zip(predicted.tolist(), chosen)], dtype=torch.long)
-    return EvalSet(ids, images, targets, originals, boxes, grid_tensor(kept_cells), tuple(digests)), skipped
+    return EvalSet(ids, images, targets, originals, boxes, _grid_tensor(kept_cells), tuple(digests)), skipped
 
 
-def grid_tensor(cells: Sequence[Sequence[int] | None]) -> Tensor | None:
+def _grid_tensor(cells: Sequence[Sequence[int] | None]) -> Tensor | None:
     """Each row's four ``grid_classes`` as ``(N, 4)`` for the grid pointing game, or ``None`` unless every row has them."""
     if cells and all(c is not None and len(c) == 4 for c in cells):
         return torch.tensor(cells, dtype=torch.long)

@@ -135,13 +135,13 @@ def _parquet_column(source: Any, column: str, required: str = "") -> list[Any] |
     values: list[Any] = []
     for path in source.paths:
         with source.filesystem.open(path, "rb") as f:
-            names = pq.ParquetFile(f).schema_arrow.names
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
             if column not in names:
                 if required:
                     raise ValueError(f"{path} has no column {column!r} (columns: {names}); {required}")
                 return None
-            f.seek(0)
-            values += pq.read_table(f, columns=[column]).column(0).to_pylist()
+            values += parquet.read(columns=[column]).column(0).to_pylist()
     return values
 
 
